@@ -1,0 +1,130 @@
+"""The few torch.distributed calls the Trainer makes, and the launcher checks behind ``distributed=True``.
+
+Every collective here is called by every rank at the same point of the loop; decisions that could differ
+between ranks (a user's ``should_stop`` on one rank, a signal that reached one process) are folded into
+one small all-reduce per optimizer step, so ranks never disagree about whether to take the next step.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_LAUNCH_HINT = (
+    "launch with `torchrun --nproc_per_node=N script.py` (several machines: torchrun --nnodes=M "
+    "--node_rank=I --rdzv_endpoint=HOST:PORT ...), or pass rank= and world_size= with MASTER_ADDR/MASTER_PORT "
+    "or init_method="
+)
+
+
+def launcher_env_present() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def check_launch(
+    distributed: bool, rank: int | None, world_size: int | None, init_method: str | None
+) -> None:
+    """Raise or warn, before anything runs, when the launch does not fit ``distributed``."""
+    if distributed:
+        if dist.is_available() and dist.is_initialized():
+            return
+        has_rank = rank is not None or "RANK" in os.environ
+        has_size = world_size is not None or "WORLD_SIZE" in os.environ
+        has_rendezvous = init_method is not None or "MASTER_ADDR" in os.environ
+        if not (has_rank and has_size and has_rendezvous):
+            raise ValueError(
+                f"distributed=True but no launcher was found (rank={rank!r}, RANK/WORLD_SIZE/MASTER_ADDR unset): "
+                + _LAUNCH_HINT
+            )
+    elif launcher_env_present() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        warnings.warn(
+            f"a launcher environment is present (WORLD_SIZE={os.environ['WORLD_SIZE']}) but distributed=False: "
+            "every process trains alone on the whole data set; pass distributed=True for DDP",
+            stacklevel=3,
+        )
+
+
+@dataclass
+class DistContext:
+    """Rank, world size and device of this process; ``enabled`` is False for single-process runs."""
+
+    enabled: bool = False
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    created_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def union_of_names(self, names: list[str]) -> list[str]:
+        """The sorted union of every rank's metric names (ranks whose shard was empty have none)."""
+        if not self.enabled:
+            return sorted(names)
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, sorted(names))
+        return sorted({n for part in gathered for n in part})
+
+    def destroy(self) -> None:
+        if self.created_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.created_group = False
+
+
+def setup(
+    *,
+    device: torch.device | None,
+    backend: str | None,
+    rank: int | None,
+    world_size: int | None,
+    init_method: str | None,
+) -> tuple[DistContext, torch.device]:
+    """Join (or create) the default process group and choose this rank's device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    created = False
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
+        chosen_backend = backend or ("nccl" if use_cuda else "gloo")
+        kwargs: dict[str, Any] = {"backend": chosen_backend, "init_method": init_method or "env://"}
+        if rank is not None:
+            kwargs["rank"] = rank
+        elif "RANK" in os.environ:
+            kwargs["rank"] = int(os.environ["RANK"])
+        if world_size is not None:
+            kwargs["world_size"] = world_size
+        elif "WORLD_SIZE" in os.environ:
+            kwargs["world_size"] = int(os.environ["WORLD_SIZE"])
+        if use_cuda:
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dist.init_process_group(**kwargs)
+        created = True
+    ctx = DistContext(True, dist.get_rank(), dist.get_world_size(), local_rank, created)
+    if device is None:
+        device = (
+            torch.device("cuda", local_rank % torch.cuda.device_count())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return ctx, device
