@@ -55,6 +55,11 @@ class CheckpointError(ValueError, RuntimeError):
     """A checkpoint that cannot be written or read safely; the message names the file and the reason."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint path or URL names no file (a ``ValueError`` for a bad argument, and a
+    ``FileNotFoundError``)."""
+
+
 def regular_name(step: int) -> str:
     return f"step_{step:09d}.ckpt"
 
@@ -204,7 +209,7 @@ class CheckpointStorage:
 
 def _load(fs: fsspec.AbstractFileSystem, path: str, shown: str, map_location: Any) -> dict[str, Any]:
     if not fs.exists(path):
-        raise FileNotFoundError(f"checkpoint {shown!r} does not exist")
+        raise CheckpointNotFoundError(f"checkpoint {shown!r} does not exist")
     try:
         if isinstance(fs, LocalFileSystem):
             obj = torch.load(path, map_location=map_location, weights_only=True)
@@ -222,8 +227,9 @@ def _load(fs: fsspec.AbstractFileSystem, path: str, shown: str, map_location: An
             f"checkpoint {shown!r} is corrupt or not a torch file ({detail.strip()})"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]  # an EOFError may have no message
         raise CheckpointError(
-            f"checkpoint {shown!r} is truncated or corrupt and could not be read: {str(exc).splitlines()[0]}"
+            f"checkpoint {shown!r} is truncated or corrupt and could not be read: {first_line}"
         ) from None
     if not isinstance(obj, dict) or FORMAT_KEY not in obj:
         raise CheckpointError(f"{shown!r} is not a trainkit checkpoint (no {FORMAT_KEY!r} entry)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -39,12 +40,10 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to_device(v, device) for v in batch)
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        changes = {
-            f.name: move_to_device(getattr(batch, f.name), device)
-            for f in dataclasses.fields(batch)
-            if f.init
-        }
-        return dataclasses.replace(batch, **changes)
+        moved: Any = copy.copy(batch)  # type: ignore[arg-type]  # every field, init=False ones too; works for frozen dataclasses
+        for f in dataclasses.fields(batch):
+            object.__setattr__(moved, f.name, move_to_device(getattr(batch, f.name), device))
+        return moved
     return batch
 
 

@@ -31,6 +31,7 @@ class RunLogger:
         self.log_dir = log_dir
         self.hparams = hparams
         self._writer: Any = None
+        self._epoch_step: int | None = None
 
     @property
     def writer(self) -> Any:
@@ -59,6 +60,10 @@ class RunLogger:
         if self.log_dir is None:
             return
         writer = self.writer
+        if TAG_EPOCH in scalars:
+            if step == self._epoch_step:  # a log step that also evaluates: write the epoch once
+                scalars = {k: v for k, v in scalars.items() if k != TAG_EPOCH}
+            self._epoch_step = step
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, step)
 

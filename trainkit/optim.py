@@ -54,6 +54,11 @@ def _scheduler_config(value: Any, optimizer: torch.optim.Optimizer) -> Scheduler
         interval = value.get("interval", "step")
         if interval not in _INTERVALS:
             raise ValueError(f"lr_scheduler interval={interval!r} is not valid; expected 'step' or 'epoch'")
+        frequency = value.get("frequency", 1)
+        if frequency != 1:  # accepted for Lightning compatibility, but never silently ignored
+            raise ValueError(
+                f"lr_scheduler frequency={frequency!r} is not supported; expected 1 (one step per interval)"
+            )
         monitor = value.get("monitor", "val_loss")
         if not isinstance(monitor, str):
             raise ValueError(f"lr_scheduler monitor={monitor!r} is not valid; expected a metric name")

@@ -224,6 +224,8 @@ class Trainer:
         self.schedulers: list[Any] = []
         self._ema: EMA | None = None
         self._module: TaskModule | None = None
+        self._autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.config.precision)
+        self._reset_state()
 
     # -- public helpers ----------------------------------------------------------------------------------
 
@@ -361,7 +363,6 @@ class Trainer:
         self._plateau_schedulers = [s for s in setup.schedulers if s.on_plateau]
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._clip_params = list(module.parameters())
-        self._autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(cfg.precision)
         self._scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "16-mixed" else None
         self._ema = EMA(module, cfg.ema_decay, cfg.ema_warmup) if cfg.use_ema else None
         self._best = MetricTracker(cfg.monitor_rule.mode, cfg.monitor_rule.min_delta)
@@ -445,6 +446,7 @@ class Trainer:
 
     def _teardown(self, failed: bool) -> None:
         errors: list[BaseException] = []
+        self._iterator = None  # lets a multi-worker loader shut its workers down now
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
         self._old_handlers = {}
@@ -633,8 +635,8 @@ class Trainer:
             self.stop_reason = "max_steps"
         elif cfg.max_epochs is not None and self.current_epoch >= cfg.max_epochs:
             self.stop_reason = "max_epochs"
-        if self.stop_reason is not None:
-            self.should_stop = True
+        if requested:
+            self.should_stop = True  # under DDP another rank may have asked
 
     # -- logging -----------------------------------------------------------------------------------------
 
@@ -693,9 +695,13 @@ class Trainer:
         models: list[tuple[str, TaskModule]] = [("", module)]
         if self._ema is not None and self._ema.model is module:
             models.append(("ema_", self._ema.module))  # type: ignore[arg-type]
-        for prefix, model in models:
-            for stage, loader in loaders:
-                metrics.update(self._eval_model(model, loader, stage, prefix))
+        # Evaluation draws from the global RNG (every DataLoader iterator takes a seed from it). Forking it
+        # keeps training independent of when and how often it evaluates, with or without EMA.
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for prefix, model in models:
+                for stage, loader in loaders:
+                    metrics.update(self._eval_model(model, loader, stage, prefix))
         self._emit("on_eval_end", metrics)
         return metrics
 
@@ -735,7 +741,9 @@ class Trainer:
         rule = self.config.monitor_rule
         if rule.target not in metrics:
             if self.config.monitor_explicit:
-                self._metric(metrics, rule.target, "monitor target")
+                # The rule comes from monitor, or else from early_stop: name the setting the user wrote.
+                what = "monitor target" if self.config.monitor is not None else "early_stop target"
+                self._metric(metrics, rule.target, what)
             if not self._warned_monitor:
                 self._warned_monitor = True
                 warnings.warn(
@@ -792,7 +800,8 @@ class Trainer:
 
     def _save(self, name: str) -> str | None:
         """Write a checkpoint from rank 0 (others return at once); returns its location."""
-        self._last_saved_step = self.global_step
+        if name != BEST_NAME:  # a signal still writes a regular file at a step that only wrote best
+            self._last_saved_step = self.global_step
         if self.storage is None or not self.dist.is_main:
             return self.storage.location(name) if self.storage is not None else None
         checkpoint = self._build_checkpoint()
@@ -811,7 +820,8 @@ class Trainer:
         steps = storage.regular_steps()
         best: dict[str, Any] | None = storage.read(BEST_NAME) if storage.exists(BEST_NAME) else None
         newest = steps[-1] if steps else None
-        if best is not None and (newest is None or best[KEY_TRAINER]["global_step"] >= newest):
+        # On a tie the regular file is the newer one: it is written after on_epoch_end, best before.
+        if best is not None and (newest is None or best[KEY_TRAINER]["global_step"] > newest):
             log.info("trainkit: resuming from %s", storage.location(BEST_NAME))
             return best
         if newest is not None:
@@ -910,9 +920,6 @@ class Trainer:
         module.to(self.device)
         previous = self._module
         self._module = module
-        self._autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(
-            self.config.precision
-        )
         try:
             return self._evaluate(module, [(stage, loader)])
         finally:

@@ -1,0 +1,208 @@
+"""One rank of a distributed test run; tests/test_distributed.py launches it and asserts on what it writes.
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py main OUT_DIR CKPT_1RANK
+    python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py crash OUT_DIR
+    python tests/ddp_worker.py explicit OUT_DIR PROCESS_INDEX TCP_PORT      (started twice, by hand)
+
+Each scenario runs several fits in one process (a launch costs seconds of torch import) and saves, per
+rank, a ``torch.save`` file of plain data: results, histories, final weights, first batches seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import trainkit as tk
+from helpers import TinyClassifier, make_loader  # the script's directory (tests/) is on sys.path
+
+torch.set_num_threads(1)
+
+# The configuration shared with the single-process reference runs in test_distributed.py.
+PER_RANK_BATCH = 4
+TRAIN_N, VAL_N, TEST_N = 64, 37, 1  # 37: not divisible by 2; 1: rank 1's test shard is empty
+MAX_STEPS, EVAL_EVERY, SAVE_EVERY = 12, 4, 4
+COMMON: dict[str, Any] = dict(
+    run_mode="step",
+    max_steps=MAX_STEPS,
+    eval_interval=EVAL_EVERY,
+    save_interval=SAVE_EVERY,
+    clip_grad=0.5,
+    use_ema=True,
+    ema_decay=0.9,
+)
+
+
+def loaders(batch_size: int) -> tuple[Any, Any, Any]:
+    """Train (shuffle=False, so the DistributedSampler's interleaved shards form the same global
+    batches as one process with twice the batch size), validation and test loaders."""
+    return (
+        make_loader(TRAIN_N, batch_size=batch_size, shuffle=False, seed=0),
+        make_loader(VAL_N, batch_size=5, seed=1),
+        make_loader(TEST_N, batch_size=5, seed=2),
+    )
+
+
+class Recorder(tk.Callback):
+    """Remembers the first training batch, the step after every optimizer step, and stops where told."""
+
+    def __init__(self, stop_on_rank: int | None = None, stop_at: int | None = None, fail_at: int | None = None):
+        self.first_batch: torch.Tensor | None = None
+        self.steps: list[int] = []
+        self.stop_on_rank, self.stop_at, self.fail_at = stop_on_rank, stop_at, fail_at
+
+    def on_batch_start(self, trainer, module, batch, batch_idx):
+        if self.first_batch is None:
+            self.first_batch = batch[0].clone()
+        if self.fail_at is not None and trainer.rank == 1 and trainer.global_step == self.fail_at:
+            raise RuntimeError(f"boom on rank 1 at step {trainer.global_step}")
+
+    def on_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.steps.append(trainer.global_step)
+        if trainer.rank == self.stop_on_rank and trainer.global_step == self.stop_at:
+            trainer.should_stop = True
+
+
+class Plateau(TinyClassifier):
+    """Adds ``level`` = min(global_step, 2) to the validation metrics: a sequence whose early-stop step
+    follows from the rule alone (max mode, patience 2: reference 1, improve 2, then 2, 2 -> stop at 4)."""
+
+    def validation_step(self, batch, batch_idx):
+        out = super().validation_step(batch, batch_idx)
+        out["level"] = torch.tensor(float(min(self.global_step, 2)))
+        return out
+
+
+def summary(trainer: tk.Trainer, result: tk.FitResult, module: TinyClassifier, rec: Recorder) -> dict[str, Any]:
+    return {
+        "rank": trainer.rank,
+        "world_size": trainer.world_size,
+        "global_step": result.global_step,
+        "epoch": result.epoch,
+        "stop_reason": result.stop_reason,
+        "stopped_early": result.stopped_early,
+        "history": [{"step": r["step"], "metrics": dict(r["metrics"])} for r in trainer.history],
+        "steps": rec.steps,
+        "first_batch": rec.first_batch,
+        "params": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "ema": (
+            {k: v.detach().clone() for k, v in trainer.ema_module.state_dict().items()}
+            if trainer.ema_module is not None
+            else None
+        ),
+        "group_alive_after_fit": dist.is_initialized(),
+    }
+
+
+def scenario_main(out: Path, ckpt_1rank: str) -> None:
+    rank = int(os.environ["RANK"])
+    results: dict[str, Any] = {}
+
+    # A: trainkit creates the process group. Each rank gets its own directories so that a file written by
+    # rank 1 would show up. Rank 1's model starts from different weights: DDP broadcasts rank 0's.
+    module = TinyClassifier(seed=rank)
+    rec = Recorder()
+    trainer = tk.Trainer(
+        **COMMON,
+        distributed=True,
+        callbacks=[rec],
+        checkpoint_dir=str(out / f"ckpt_rank{rank}"),
+        log_dir=str(out / f"runs_rank{rank}"),
+        log_every_n_steps=2,
+        progress_bar=True,
+    )
+    progress = io.StringIO()
+    with contextlib.redirect_stderr(progress):  # no TTY: the progress display prints lines to stderr
+        result = trainer.fit(module, *loaders(PER_RANK_BATCH)[:2], test_loader=loaders(PER_RANK_BATCH)[2])
+    results["A"] = summary(trainer, result, module, rec)
+    results["A"]["progress"] = progress.getvalue()
+    results["A"]["best_checkpoint"] = result.best_checkpoint
+
+    # B: the user created the group (trainkit must leave it alive); rank 1 alone asks to stop at step 5.
+    dist.init_process_group("gloo")
+    module = TinyClassifier()
+    rec = Recorder(stop_on_rank=1, stop_at=5)
+    trainer = tk.Trainer(
+        run_mode="step", max_steps=50, distributed=True, callbacks=[rec], checkpoint_dir=None, log_dir=None,
+        progress_bar=False,
+    )  # fmt: skip
+    result = trainer.fit(module, loaders(PER_RANK_BATCH)[0])
+    results["B"] = summary(trainer, result, module, rec)
+    dist.destroy_process_group()
+
+    # C: early stopping on a metric whose stop step follows from the rule (step 4); trainkit creates the
+    # group again in the same process.
+    module = Plateau()
+    rec = Recorder()
+    trainer = tk.Trainer(
+        run_mode="step", max_steps=50, eval_interval=1, distributed=True, callbacks=[rec],
+        early_stop={"target": "val_level", "mode": "max", "patience": 2},
+        checkpoint_dir=None, log_dir=None, progress_bar=False,
+    )  # fmt: skip
+    train, val, _ = loaders(PER_RANK_BATCH)
+    result = trainer.fit(module, train, val)
+    results["C"] = summary(trainer, result, module, rec)
+
+    # D: resume a checkpoint written by a single process (batch 2B) on two ranks (batch B each).
+    module = TinyClassifier(seed=rank)
+    rec = Recorder()
+    trainer = tk.Trainer(**COMMON, distributed=True, callbacks=[rec], checkpoint_dir=None, log_dir=None,
+                         progress_bar=False)  # fmt: skip
+    train, val, test = loaders(PER_RANK_BATCH)
+    result = trainer.fit(module, train, val, test_loader=test, ckpt_path=ckpt_1rank)
+    results["D"] = summary(trainer, result, module, rec)
+
+    torch.save(results, out / f"main_rank{rank}.pt")
+
+
+def scenario_crash(out: Path) -> None:
+    rec = Recorder(fail_at=3)
+    trainer = tk.Trainer(run_mode="step", max_steps=50, distributed=True, callbacks=[rec], checkpoint_dir=None,
+                         log_dir=None, progress_bar=False)  # fmt: skip
+    trainer.fit(TinyClassifier(), loaders(PER_RANK_BATCH)[0])
+    (out / f"crash_finished_rank{trainer.rank}").write_text("fit returned")  # must never happen
+
+
+def scenario_explicit(out: Path, index: int, tcp_port: int) -> None:
+    """Started by hand, twice. First fit: MASTER_ADDR/MASTER_PORT/WORLD_SIZE are set but RANK is the
+    *other* process's rank; rank=index must win. Second fit: no launcher environment at all, only
+    rank=, world_size= and init_method=."""
+    results: dict[str, Any] = {}
+    rec = Recorder()
+    trainer = tk.Trainer(
+        run_mode="step", max_steps=3, save_interval=3, distributed=True, rank=index, callbacks=[rec],
+        checkpoint_dir=str(out / f"ckpt_proc{index}"), log_dir=None, progress_bar=False,
+    )  # fmt: skip
+    result = trainer.fit(TinyClassifier(), loaders(PER_RANK_BATCH)[0])
+    results["env"] = summary(trainer, result, trainer._module, rec)  # type: ignore[arg-type]
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        os.environ.pop(name, None)
+    rec = Recorder()
+    trainer = tk.Trainer(
+        run_mode="step", max_steps=3, distributed=True, rank=index, world_size=2,
+        init_method=f"tcp://127.0.0.1:{tcp_port}", callbacks=[rec], checkpoint_dir=None, log_dir=None,
+        progress_bar=False,
+    )  # fmt: skip
+    result = trainer.fit(TinyClassifier(), loaders(PER_RANK_BATCH)[0])
+    results["tcp"] = summary(trainer, result, trainer._module, rec)  # type: ignore[arg-type]
+    torch.save(results, out / f"explicit_proc{index}.pt")
+
+
+if __name__ == "__main__":
+    scenario, out_dir = sys.argv[1], Path(sys.argv[2])
+    if scenario == "main":
+        scenario_main(out_dir, sys.argv[3])
+    elif scenario == "crash":
+        scenario_crash(out_dir)
+    elif scenario == "explicit":
+        scenario_explicit(out_dir, int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")

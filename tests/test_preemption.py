@@ -1,0 +1,148 @@
+"""Preemption and crashes, with real signals sent to real training processes.
+
+SIGTERM/SIGUSR1: the run finishes its step, writes a regular checkpoint, returns with stop_reason "signal"
+and exits 0; resuming with ``ckpt_path="last"`` ends exactly where an uninterrupted run ends.
+SIGKILL in the middle of writing a checkpoint: every earlier checkpoint still loads and ``"last"`` resumes
+from the newest complete one, leaving the dead writer's temp file alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from resume_worker import (
+    BigTask,
+    HookCounter,
+    ResumeTask,
+    big_loader,
+    big_trainer,
+    final_state,
+    make_loaders,
+    preempt_trainer,
+    wait_for,
+)
+from test_resume import assert_same
+
+import trainkit as tk
+
+WORKER = str(Path(__file__).with_name("resume_worker.py"))
+SIGNALS = ["SIGTERM"] + (["SIGUSR1"] if hasattr(signal, "SIGUSR1") else [])
+
+
+def _preempt_fit(directory, ckpt_path=None):
+    task, counter = ResumeTask(val_steps=True), HookCounter()
+    trainer = preempt_trainer(directory, [counter])
+    train, val = make_loaders({})
+    result = trainer.fit(task, train, val, ckpt_path=ckpt_path)
+    return final_state(trainer, task, result, counter=counter.state_dict())
+
+
+@pytest.mark.timeout(180)
+def test_signal_mid_run_checkpoints_the_step_reached_and_resume_matches(tmp_path):
+    stop_at = 7  # pass 1, batch 1: no regular save due (every 5) and a new best file at this very step
+    children = {}
+    for name in SIGNALS:  # one child per signal, running side by side
+        directory = tmp_path / name
+        directory.mkdir()
+        children[name] = subprocess.Popen(
+            [sys.executable, WORKER, "preempt", str(directory), str(stop_at)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    try:
+        straight = _preempt_fit(tmp_path / "straight")
+        for name, proc in children.items():
+            wait_for(tmp_path / name / "marker", timeout=120)
+            os.kill(proc.pid, getattr(signal, name))
+            (tmp_path / name / "ack").touch()
+        outputs = {name: proc.communicate(timeout=60)[0] for name, proc in children.items()}
+    finally:
+        for proc in children.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    for name, proc in children.items():
+        assert proc.returncode == 0, outputs[name]
+        assert "received signal" in outputs[name]
+        result = json.loads((tmp_path / name / "result.json").read_text())
+        assert result == {"stop_reason": "signal", "global_step": stop_at}
+        ckpt_dir = tmp_path / name / "ckpt"
+        assert sorted(os.listdir(ckpt_dir)) == ["best.ckpt", "step_000000005.ckpt", "step_000000007.ckpt"]
+        assert tk.load_checkpoint(ckpt_dir / "step_000000007.ckpt")["trainer"]["global_step"] == stop_at
+
+        resumed = _preempt_fit(ckpt_dir, ckpt_path="last")
+        assert resumed["seen"] == straight["seen"][stop_at:]
+        for key in ("model", "ema", "optimizer", "schedulers", "lr", "rng", "history", "result", "counter"):
+            assert_same(resumed[key], straight[key], key)
+
+
+class StartProbe(tk.Callback):
+    def on_fit_start(self, trainer, module):
+        self.step = trainer.global_step
+        self.model = {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _kill_while_saving(directory: Path) -> tuple[int, str]:
+    """Run the big task and SIGKILL it as soon as a checkpoint's temp file exists while an earlier
+    checkpoint is complete. Returns the return code and the child's output."""
+    proc = subprocess.Popen(
+        [sys.executable, WORKER, "big", str(directory)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            names = os.listdir(directory) if directory.exists() else []
+            if any(n.startswith("step_") for n in names) and any(n.startswith(".step_") for n in names):
+                proc.send_signal(signal.SIGKILL)
+                break
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "no checkpoint was being written"
+            time.sleep(0.001)
+        return proc.wait(timeout=30), proc.communicate()[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_while_writing_a_checkpoint_leaves_the_earlier_ones_usable(tmp_path):
+    directory = tmp_path / "ckpt"
+    try:
+        for _ in range(3):  # the write can, rarely, complete between the poll and the kill: try again
+            shutil.rmtree(directory, ignore_errors=True)
+            returncode, output = _kill_while_saving(directory)
+            assert returncode == -signal.SIGKILL, output
+            names = sorted(os.listdir(directory))
+            if any(n.startswith(".") for n in names):
+                break
+        temps = [n for n in names if n.startswith(".")]
+        complete = [n for n in names if not n.startswith(".")]
+        steps = [int(n[len("step_") : -len(".ckpt")]) for n in complete]
+        # Saves every 2 steps; the killed one is the next after the newest complete file.
+        assert complete == [f"step_{s:09d}.ckpt" for s in steps] and steps == list(range(2, 2 * len(steps) + 1, 2))
+        newest = steps[-1]
+        assert len(temps) == 1 and temps[0].startswith(f".step_{newest + 2:09d}.ckpt.tmp-")
+        for name, step in zip(complete, steps):
+            assert tk.load_checkpoint(directory / name)["trainer"]["global_step"] == step
+        with pytest.raises(tk.CheckpointError):
+            tk.load_checkpoint(directory / temps[0])  # the temp file really is a torn write
+        saved = tk.load_checkpoint(directory / complete[-1])
+
+        probe = StartProbe()
+        trainer = big_trainer(directory, max_steps=newest + 1, callbacks=(probe,))
+        result = trainer.fit(BigTask(), big_loader(), ckpt_path="last")
+        assert probe.step == newest and result.global_step == newest + 1
+        assert_same(probe.model, saved["model"], "model")
+        assert sorted(os.listdir(directory)) == names  # nothing deleted, nothing new (no save due)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)  # ~70 MB a file

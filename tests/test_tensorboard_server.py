@@ -1,0 +1,99 @@
+"""The real ``tensorboard`` server reads a trainkit log_dir: scalars fetched over its HTTP data API."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import TinyClassifier, make_loader, quiet
+
+import trainkit as tk
+
+TENSORBOARD = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def poll(fetch, ready, deadline: float, proc: subprocess.Popen) -> Any:
+    """Call ``fetch`` until ``ready(result)``; fail if the server exits or the deadline passes."""
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            with open("tensorboard.log", encoding="utf-8") as f:
+                pytest.fail(f"tensorboard exited with {proc.returncode}: {f.read()}")
+        try:
+            result = fetch()
+            if ready(result):
+                return result
+        except OSError as exc:  # not listening yet
+            last_error = exc
+        time.sleep(0.2)
+    pytest.fail(f"tensorboard did not serve the data in time (last error: {last_error})")
+
+
+@pytest.mark.skipif(not os.path.exists(TENSORBOARD), reason="the tensorboard script is not installed")
+@pytest.mark.timeout(90)
+def test_tensorboard_server_serves_the_logged_scalars():
+    trainer = tk.Trainer(
+        **quiet(run_mode="step", max_steps=12, eval_interval=4, log_every_n_steps=3, log_dir="runs")
+    )
+    trainer.fit(TinyClassifier(), make_loader(), make_loader())
+    expected = [(r["step"], float(np.float32(r["metrics"]["val_loss"]))) for r in trainer.history]
+    assert [s for s, _ in expected] == [4, 8, 12]
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with open("tensorboard.log", "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(
+            [TENSORBOARD, "--logdir", os.path.abspath("runs"), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: the data server it starts goes down with it
+        )
+    try:
+        deadline = time.monotonic() + 60
+        runs = poll(lambda: get_json(f"{base}/data/runs"), lambda r: len(r) > 0, deadline, proc)
+        assert len(runs) == 1  # one run: the log_dir itself
+        query = urllib.parse.urlencode({"run": runs[0], "tag": "val_loss"})
+        points = poll(
+            lambda: get_json(f"{base}/data/plugin/scalars/scalars?{query}"),
+            lambda p: len(p) == len(expected),
+            deadline,
+            proc,
+        )
+        assert [(step, value) for _wall_time, step, value in points] == expected
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop the server and the process group it leads (the group this test created, by its id)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
