@@ -40,10 +40,10 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to_device(v, device) for v in batch)
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        moved: Any = copy.copy(batch)  # type: ignore[arg-type]  # every field, init=False ones too; works for frozen dataclasses
+        clone = copy.copy(batch)  # type: ignore[arg-type]  # every field, init=False ones too; frozen ones too
         for f in dataclasses.fields(batch):
-            object.__setattr__(moved, f.name, move_to_device(getattr(batch, f.name), device))
-        return moved
+            object.__setattr__(clone, f.name, move_to_device(getattr(batch, f.name), device))
+        return clone
     return batch
 
 
