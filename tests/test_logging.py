@@ -240,8 +240,8 @@ def test_progress_prints_one_compact_line_per_log_interval_when_not_a_tty(capfd,
         assert (int(match[1]), int(match[2]), int(match[3])) == (step, 12, step // BATCHES_PER_PASS)
         assert match[4] == f"{ref['loss'][step]:.4g}"
         assert match[5] == f"{0.1:.3g}"
-        # The latest evaluation finished before this line (step 12 logs before it evaluates).
-        seen = [r for r in trainer.history if r["step"] < step]
+        # The line comes after the step's own evaluation, so it shows the metrics of step 12 at step 12.
+        seen = [r for r in trainer.history if r["step"] <= step]
         shown = dict(kv.split("=") for kv in match[6].split())
         if not seen:
             assert shown == {}

@@ -572,19 +572,19 @@ class Trainer:
         step = self.global_step
         if pass_done:
             self._close_pass()
-        if self._log_enabled:
-            self._progress.update()
-            if step % cfg.log_every_n_steps == 0:
-                self._log_train(step)
-        if self._profiler is not None:
-            self._profiler.step()
         if cfg.run_mode == "step" and step % cfg.eval_interval == 0:
             self._evaluate_and_decide()
         if pass_done:
             self._after_pass_eval_and_hooks()
+        if self._log_enabled:  # after evaluating, so the progress line shows this step's metrics
+            self._progress.update()
+            if step % cfg.log_every_n_steps == 0:
+                self._log_train(step)
         if cfg.save_interval is not None and step % cfg.save_interval == 0:
             self._save(regular_name(step))
         self._check_stop()
+        if self._profiler is not None:
+            self._profiler.step()  # the profiled step spans everything done after this optimizer step too
 
     def _begin_pass(self) -> None:
         set_sampler_epoch(self._train_loader, self.current_epoch)
