@@ -38,8 +38,8 @@ def memfs():
     clear()
 
 
-def scripted_run(checkpoint_dir, *, script=SCRIPT, max_steps=12, save_interval=3, **kwargs):
-    module = Scripted({"loss": script})
+def scripted_run(checkpoint_dir, *, script=SCRIPT, max_steps=12, save_interval=3, module=None, **kwargs):
+    module = module if module is not None else Scripted({"loss": script})
     trainer = tk.Trainer(
         run_mode="step",
         max_steps=max_steps,
@@ -89,7 +89,8 @@ def test_exact_file_list_and_contents(kind, memfs, tmp_path):
         "memory": "memory://run",
         "local_async": "ckpts",
     }[kind]
-    trainer, result = scripted_run(url, async_checkpoint=kind == "local_async")
+    module = Scripted({"loss": SCRIPT})
+    trainer, result = scripted_run(url, module=module, async_checkpoint=kind == "local_async")
     assert names_in(url) == ["best.ckpt", *REGULAR]  # every regular file kept, one best, no temp files
     if kind != "memory":
         assert sorted(os.listdir(tmp_path / "ckpts")) == ["best.ckpt", *REGULAR]
@@ -104,7 +105,7 @@ def test_exact_file_list_and_contents(kind, memfs, tmp_path):
     for name in ["best.ckpt", *REGULAR]:
         obj = torch.load(io.BytesIO(file_bytes(f"{url}/{name}")), weights_only=True)
         assert obj["trainkit_format"] == 1
-    assert_tree_equal(tk.load_checkpoint(f"{url}/step_000000012.ckpt")["model"], trainer._module.state_dict())
+    assert_tree_equal(tk.load_checkpoint(f"{url}/step_000000012.ckpt")["model"], module.state_dict())
 
 
 def test_memory_location_is_a_url_that_loads(memfs):

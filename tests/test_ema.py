@@ -214,6 +214,22 @@ def test_trainer_ema_equals_averaged_model(warmup):
     assert int(trainer.ema_module.net[1].num_batches_tracked) == 14
 
 
+def test_trainer_ema_updates_once_per_optimizer_step_with_accumulation():
+    class DrivePerStep(DriveAveragedModel):
+        def on_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step > self.updates:  # an optimizer step happened at this batch
+                super().on_batch_end(trainer, module, outputs, batch, batch_idx)
+
+    driver = DrivePerStep(get_ema_multi_avg_fn(0.9))
+    trainer = tk.Trainer(
+        run_mode="step", max_steps=6, eval_interval=6, use_ema=True, ema_decay=0.9, accumulate_grad_batches=3,
+        callbacks=[driver], **quiet(),
+    )  # fmt: skip
+    trainer.fit(TinyClassifier(), make_loader(48), make_loader(8))
+    assert driver.updates == 6
+    assert_params_equal(trainer.ema_module, driver.reference.module)
+
+
 def test_trainer_ema_matches_a_hand_written_pytorch_loop():
     """Independent of the hooks: the same training written in plain PyTorch, EMA by AveragedModel."""
     decay, steps = 0.8, 12
