@@ -184,6 +184,7 @@ def run_case(
         clip_grad=1.0,
         use_ema=True,
         ema_decay=0.9,
+        ema_warmup=True,  # the decay depends on the number of updates: it must be restored too
         accumulate_grad_batches=case.get("accumulate", 1),
         callbacks=[events, counter],
         checkpoint_dir=os.fspath(checkpoint_dir),
@@ -298,7 +299,7 @@ def preempt(directory: Path, stop_at: int) -> None:
     trainer = preempt_trainer(directory / "ckpt", callbacks)
     result = trainer.fit(task, train, val)
     (directory / "result.json").write_text(
-        json.dumps({"stop_reason": result.stop_reason, "global_step": result.global_step})
+        json.dumps({"stop_reason": result.stop_reason, "global_step": result.global_step, "seen": task.seen})
     )
 
 

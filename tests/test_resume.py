@@ -31,10 +31,11 @@ WORKER = str(Path(__file__).with_name("resume_worker.py"))
 
 
 def assert_same(actual: Any, expected: Any, where: str = "state") -> None:
-    """Exact equality of nested dicts, lists and tensors (torch.equal, dtype included)."""
+    """Exact equality of nested dicts, lists and tensors (torch.equal, dtype included; on the CPU, so that
+    live weights on a GPU compare with loaded ones)."""
     if isinstance(expected, torch.Tensor):
         assert isinstance(actual, torch.Tensor), where
-        assert actual.dtype == expected.dtype and torch.equal(actual, expected), where
+        assert actual.dtype == expected.dtype and torch.equal(actual.cpu(), expected.cpu()), where
     elif isinstance(expected, dict):
         assert isinstance(actual, dict) and sorted(actual, key=str) == sorted(expected, key=str), where
         for key in expected:

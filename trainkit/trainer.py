@@ -52,7 +52,6 @@ from .checkpoint import (
     CheckpointStorage,
     load_checkpoint,
     regular_name,
-    snapshot,
 )
 from .config import TrainerConfig
 from .data import (
@@ -364,7 +363,6 @@ class Trainer:
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._clip_params = list(module.parameters())
         self._scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "16-mixed" else None
-        self._ema = EMA(module, cfg.ema_decay, cfg.ema_warmup) if cfg.use_ema else None
         self._best = MetricTracker(cfg.monitor_rule.mode, cfg.monitor_rule.min_delta)
         rule = cfg.early_stop_rule
         self._stopper = (
@@ -410,6 +408,8 @@ class Trainer:
             if torch.distributed.get_backend() != "gloo":
                 # Stop flags travel on a CPU group, so agreeing on them never syncs the GPU stream.
                 self._control_group = torch.distributed.new_group(backend="gloo")
+        # After the wrap: DDP has broadcast rank 0's weights, so every rank's EMA starts from the same copy.
+        self._ema = EMA(module, cfg.ema_decay, cfg.ema_warmup) if cfg.use_ema else None
         self._writer = AsyncWriter() if cfg.async_checkpoint else None
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -467,6 +467,9 @@ class Trainer:
                 closeable.close()
         if self.dist.enabled and not failed and not errors:
             self.dist.barrier()  # files rank 0 wrote exist when fit returns on every rank
+        # The DDP wrapper must go before its group: a reducer freed after destroy_process_group can hang
+        # in its destructor (gloo), e.g. when the garbage collector reaches it during a second fit.
+        self._ddp = self._control_group = None
         self.dist.destroy()
         if errors and not failed:
             raise errors[0]
@@ -807,7 +810,7 @@ class Trainer:
         checkpoint = self._build_checkpoint()
         storage = self.storage
         if self._writer is not None:
-            frozen = snapshot(checkpoint)  # host copies now; the write runs while training goes on
+            frozen = self._writer.snapshot(checkpoint)  # host copies now; the write runs while training goes on
             self._writer.submit(lambda: storage.write(name, frozen))
             return storage.location(name)
         return storage.write(name, checkpoint)
