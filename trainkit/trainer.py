@@ -269,12 +269,13 @@ class Trainer:
             self._loop()
         except BaseException as exc:
             failed = True
-            for hook in [module.on_exception] + [cb.on_exception for cb in self.callbacks]:
-                with contextlib.suppress(Exception):
-                    hook(self, module, exc)
+            self._notify_exception(module, exc)
             raise
         finally:
-            self._teardown(failed)
+            background_error = self._teardown(failed)
+        if background_error is not None:  # the last asynchronous write failed
+            self._notify_exception(module, background_error)
+            raise background_error
         self._emit("on_fit_end")
         return self._result()
 
@@ -327,6 +328,7 @@ class Trainer:
         self._signal: int | None = None
         self._early_reason: str | None = None
         self._warned_monitor = False
+        self._best_pending = False
         self._last_saved_step: int | None = None
         self._last_out: Any = None
         self._last_loss: torch.Tensor | None = None
@@ -444,7 +446,13 @@ class Trainer:
         log.warning("trainkit: received signal %s; stopping after the current optimizer step", signum)
         self._signal = signum
 
-    def _teardown(self, failed: bool) -> None:
+    def _notify_exception(self, module: TaskModule, exc: BaseException) -> None:
+        for hook in [module.on_exception] + [cb.on_exception for cb in self.callbacks]:
+            with contextlib.suppress(Exception):
+                hook(self, module, exc)
+
+    def _teardown(self, failed: bool) -> BaseException | None:
+        """Release everything fit acquired; returns a background write's failure for fit to raise."""
         errors: list[BaseException] = []
         self._iterator = None  # lets a multi-worker loader shut its workers down now
         for sig, handler in self._old_handlers.items():
@@ -471,8 +479,7 @@ class Trainer:
         # in its destructor (gloo), e.g. when the garbage collector reaches it during a second fit.
         self._ddp = self._control_group = None
         self.dist.destroy()
-        if errors and not failed:
-            raise errors[0]
+        return errors[0] if errors and not failed else None
 
     # -- the loop ----------------------------------------------------------------------------------------
 
@@ -500,6 +507,7 @@ class Trainer:
                 else:
                     self._close_pass()
                     self._after_pass_eval_and_hooks()
+                    self._write_best()
                     self._check_stop()
                 continue
             batch_idx = self._batch_in_epoch
@@ -579,6 +587,7 @@ class Trainer:
             self._evaluate_and_decide()
         if pass_done:
             self._after_pass_eval_and_hooks()
+        self._write_best()
         if self._log_enabled:  # after evaluating, so the progress line shows this step's metrics
             self._progress.update()
             if step % cfg.log_every_n_steps == 0:
@@ -730,7 +739,13 @@ class Trainer:
                 self._early_reason = self._stopper.reason
                 log.info("trainkit: early stop at step %d (%s)", self.global_step, self._stopper.reason)
                 self._emit("on_early_stop")
-        if improved and self.storage is not None:
+        # Written once the step's evaluation and epoch-end hooks are done (see _write_best), so the file
+        # holds the same state a regular checkpoint of this step would.
+        self._best_pending = improved and self.storage is not None
+
+    def _write_best(self) -> None:
+        if self._best_pending:
+            self._best_pending = False
             self.best_checkpoint_path = self._save(BEST_NAME)
 
     def _metric(self, metrics: dict[str, float], name: str, what: str) -> float:
@@ -776,7 +791,6 @@ class Trainer:
                 "step": self.best_step,
                 "epoch": self.best_epoch,
                 "tracker": self._best.state_dict(),
-                "path": self.best_checkpoint_path,
             },
             "early_stop": self._stopper.state_dict() if self._stopper is not None else None,
             "rng": get_rng_state(),
