@@ -1,8 +1,7 @@
 """One rank of a distributed test run; tests/test_distributed.py launches it and asserts on what it writes.
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py main OUT_DIR CKPT_1RANK
+    python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py main OUT_DIR CKPT_1RANK TCP_PORT
     python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py crash OUT_DIR
-    python tests/ddp_worker.py explicit OUT_DIR PROCESS_INDEX TCP_PORT      (started twice, by hand)
 
 Each scenario runs several fits in one process (a launch costs seconds of torch import) and saves, per
 rank, a ``torch.save`` file of plain data: results, histories, final weights, first batches seen.
@@ -11,17 +10,19 @@ rank, a ``torch.save`` file of plain data: results, histories, final weights, fi
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import io
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from helpers import TinyClassifier, make_loader  # the script's directory (tests/) is on sys.path
 
 import trainkit as tk
-from helpers import TinyClassifier, make_loader  # the script's directory (tests/) is on sys.path
 
 torch.set_num_threads(1)
 
@@ -53,7 +54,9 @@ def loaders(batch_size: int) -> tuple[Any, Any, Any]:
 class Recorder(tk.Callback):
     """Remembers the first training batch, the step after every optimizer step, and stops where told."""
 
-    def __init__(self, stop_on_rank: int | None = None, stop_at: int | None = None, fail_at: int | None = None):
+    def __init__(
+        self, stop_on_rank: int | None = None, stop_at: int | None = None, fail_at: int | None = None
+    ):
         self.first_batch: torch.Tensor | None = None
         self.steps: list[int] = []
         self.stop_on_rank, self.stop_at, self.fail_at = stop_on_rank, stop_at, fail_at
@@ -80,7 +83,9 @@ class Plateau(TinyClassifier):
         return out
 
 
-def summary(trainer: tk.Trainer, result: tk.FitResult, module: TinyClassifier, rec: Recorder) -> dict[str, Any]:
+def summary(
+    trainer: tk.Trainer, result: tk.FitResult, module: TinyClassifier, rec: Recorder
+) -> dict[str, Any]:
     return {
         "rank": trainer.rank,
         "world_size": trainer.world_size,
@@ -101,7 +106,7 @@ def summary(trainer: tk.Trainer, result: tk.FitResult, module: TinyClassifier, r
     }
 
 
-def scenario_main(out: Path, ckpt_1rank: str) -> None:
+def scenario_main(out: Path, ckpt_1rank: str, tcp_port: int) -> None:
     rank = int(os.environ["RANK"])
     results: dict[str, Any] = {}
 
@@ -159,6 +164,34 @@ def scenario_main(out: Path, ckpt_1rank: str) -> None:
     result = trainer.fit(module, train, val, test_loader=test, ckpt_path=ckpt_1rank)
     results["D"] = summary(trainer, result, module, rec)
 
+    # E: RANK from the launcher is overridden by rank=: the ranks are swapped, so the process torchrun
+    # calls rank 1 is rank 0 and alone writes its checkpoint.
+    swapped = 1 - rank
+    rec = Recorder()
+    trainer = tk.Trainer(
+        run_mode="step", max_steps=3, save_interval=3, distributed=True, rank=swapped, callbacks=[rec],
+        checkpoint_dir=str(out / "swapped" / f"ckpt_RANK{rank}"), log_dir=None, progress_bar=False,
+    )  # fmt: skip
+    module = TinyClassifier()
+    result = trainer.fit(module, loaders(PER_RANK_BATCH)[0])
+    results["E"] = summary(trainer, result, module, rec)
+
+    # F: no launcher environment at all, as some launchers leave it: rank=, world_size=, init_method=.
+    for name in list(os.environ):  # TORCHELASTIC_USE_AGENT_STORE would send tcp:// to torchrun's store
+        if name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK") or name.startswith(
+            ("TORCHELASTIC_", "LOCAL_WORLD_SIZE", "GROUP_", "ROLE_")
+        ):
+            del os.environ[name]
+    rec = Recorder()
+    trainer = tk.Trainer(
+        run_mode="step", max_steps=3, distributed=True, rank=swapped, world_size=2,
+        init_method=f"tcp://127.0.0.1:{tcp_port}", callbacks=[rec], checkpoint_dir=None, log_dir=None,
+        progress_bar=False,
+    )  # fmt: skip
+    module = TinyClassifier()
+    result = trainer.fit(module, loaders(PER_RANK_BATCH)[0])
+    results["F"] = summary(trainer, result, module, rec)
+
     torch.save(results, out / f"main_rank{rank}.pt")
 
 
@@ -170,39 +203,14 @@ def scenario_crash(out: Path) -> None:
     (out / f"crash_finished_rank{trainer.rank}").write_text("fit returned")  # must never happen
 
 
-def scenario_explicit(out: Path, index: int, tcp_port: int) -> None:
-    """Started by hand, twice. First fit: MASTER_ADDR/MASTER_PORT/WORLD_SIZE are set but RANK is the
-    *other* process's rank; rank=index must win. Second fit: no launcher environment at all, only
-    rank=, world_size= and init_method=."""
-    results: dict[str, Any] = {}
-    rec = Recorder()
-    trainer = tk.Trainer(
-        run_mode="step", max_steps=3, save_interval=3, distributed=True, rank=index, callbacks=[rec],
-        checkpoint_dir=str(out / f"ckpt_proc{index}"), log_dir=None, progress_bar=False,
-    )  # fmt: skip
-    result = trainer.fit(TinyClassifier(), loaders(PER_RANK_BATCH)[0])
-    results["env"] = summary(trainer, result, trainer._module, rec)  # type: ignore[arg-type]
-
-    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        os.environ.pop(name, None)
-    rec = Recorder()
-    trainer = tk.Trainer(
-        run_mode="step", max_steps=3, distributed=True, rank=index, world_size=2,
-        init_method=f"tcp://127.0.0.1:{tcp_port}", callbacks=[rec], checkpoint_dir=None, log_dir=None,
-        progress_bar=False,
-    )  # fmt: skip
-    result = trainer.fit(TinyClassifier(), loaders(PER_RANK_BATCH)[0])
-    results["tcp"] = summary(trainer, result, trainer._module, rec)  # type: ignore[arg-type]
-    torch.save(results, out / f"explicit_proc{index}.pt")
-
-
 if __name__ == "__main__":
+    if os.environ.get("DDP_WORKER_TIMEOUT"):  # a hang prints every thread's stack and exits
+        faulthandler.dump_traceback_later(float(os.environ["DDP_WORKER_TIMEOUT"]), exit=True)
+    faulthandler.register(signal.SIGTERM, chain=True)  # torchrun stops the other ranks with SIGTERM
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     if scenario == "main":
-        scenario_main(out_dir, sys.argv[3])
+        scenario_main(out_dir, sys.argv[3], int(sys.argv[4]))
     elif scenario == "crash":
         scenario_crash(out_dir)
-    elif scenario == "explicit":
-        scenario_explicit(out_dir, int(sys.argv[3]), int(sys.argv[4]))
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")

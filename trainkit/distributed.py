@@ -22,6 +22,9 @@ _LAUNCH_HINT = (
 )
 
 
+_groups_created = 0  # default process groups trainkit created in this process (equal on every rank)
+
+
 def launcher_env_present() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -105,18 +108,23 @@ def setup(
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
         chosen_backend = backend or ("nccl" if use_cuda else "gloo")
-        kwargs: dict[str, Any] = {"backend": chosen_backend, "init_method": init_method or "env://"}
-        if rank is not None:
-            kwargs["rank"] = rank
-        elif "RANK" in os.environ:
-            kwargs["rank"] = int(os.environ["RANK"])
-        if world_size is not None:
-            kwargs["world_size"] = world_size
-        elif "WORLD_SIZE" in os.environ:
-            kwargs["world_size"] = int(os.environ["WORLD_SIZE"])
+        if rank is None and "RANK" in os.environ:
+            rank = int(os.environ["RANK"])
+        if world_size is None and "WORLD_SIZE" in os.environ:
+            world_size = int(os.environ["WORLD_SIZE"])
         if use_cuda:
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        dist.init_process_group(**kwargs)
+        # The group's keys get a prefix of their own: a launcher's store (torchrun's) outlives the group
+        # that fit destroys, and a second fit in the same process would otherwise read the first group's
+        # stale addresses and fail or hang (pytorch/pytorch#55967). Every rank counts the same fits.
+        global _groups_created
+        store, rank, world_size = next(
+            dist.rendezvous(init_method or "env://", rank=-1 if rank is None else rank,
+                            world_size=-1 if world_size is None else world_size)
+        )  # fmt: skip
+        store = dist.PrefixStore(f"trainkit_pg{_groups_created}", store)
+        dist.init_process_group(chosen_backend, store=store, rank=rank, world_size=world_size)
+        _groups_created += 1
         created = True
     ctx = DistContext(True, dist.get_rank(), dist.get_world_size(), local_rank, created)
     if device is None:
