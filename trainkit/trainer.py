@@ -784,6 +784,8 @@ class Trainer:
             "epoch": self.current_epoch,
             "batch_in_epoch": self._batch_in_epoch,
             "epoch_start_rng": self._epoch_start_rng if self._batch_in_epoch > 0 else None,
+            # At a pass boundary the next pass draws its order from the loader's generators as they are now.
+            "generators": get_generator_states(self._generators),
             "latest_metrics": dict(self.latest_metrics),
             "history": [dict(r) for r in self.history],
             "best": {
@@ -898,6 +900,8 @@ class Trainer:
         batch_in_epoch = int(state["batch_in_epoch"])
         if batch_in_epoch > 0:
             self._resume_pass(batch_in_epoch, state["epoch_start_rng"])
+        elif state.get("generators") is not None:
+            set_generator_states(self._generators, state["generators"])
         set_rng_state(state["rng"])
 
     def _resume_pass(self, skip: int, start_rng: dict[str, Any] | None) -> None:
