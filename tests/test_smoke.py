@@ -1,5 +1,6 @@
-import trainkit as tk
 from helpers import TinyClassifier, make_loader, quiet
+
+import trainkit as tk
 
 
 def test_fit_runs_to_max_steps_and_reports_it():
