@@ -4,15 +4,18 @@ The state: an MLP of 6 Linear(2048, 2048) layers (25.2 M parameters, 100 MB) wit
 one step (exp_avg and exp_avg_sq: 200 MB more), ~300 MB in a trainkit checkpoint dict.
 
     local write  CheckpointStorage.write (temp file, fsync, rename, fsync dir)  vs  torch.save(state, path)
-                 (plus "torch.save + fsync" as a reference: what durability alone costs)
+                 (plus two references: "torch.save + fsync", what durability alone costs, and the same
+                 atomic write by hand: temp file, fsync, rename, fsync dir)
     local read   CheckpointStorage.read  vs  torch.load(path, weights_only=True)
     S3 write     CheckpointStorage.write to s3:// on a local moto_server  vs  fs.pipe of the already
                  serialised bytes (plus "torch.save to memory + fs.pipe" as a reference)
     S3 read      CheckpointStorage.read  vs  torch.load(io.BytesIO(fs.cat_file(path)))
-    async stall  a real Trainer with save_interval=1: the time from the end of step 1 (on_batch_end) to the
-                 start of step 2 (on_batch_start), which holds the save, with async_checkpoint=True vs False
+    async stall  a real Trainer (max_steps=5, save_interval=2): the time from the end of a saving step
+                 (on_batch_end) to the start of the next (on_batch_start), which holds the save, with
+                 async_checkpoint=True vs False; for the first save (fresh host buffers) and a later one
+                 (the writer reuses the previous snapshot's buffers), the first write being complete by then
 
-Targets: local write and read <= 1.10x, S3 write <= 1.2x, async stall <= 0.25x of the sync save.
+Targets: local write and read <= 1.10x, S3 write <= 1.2x, async stall (later save) <= 0.25x of a sync save.
 Contenders run interleaved after a warm-up; medians with min-max; ratios are medians of per-round ratios.
 
     python benchmarks/checkpoint_io.py [--repeats 3] [--dir /path/on/the/disk/to/test] [--no-s3]
@@ -35,9 +38,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from common import Bench, fmt_ratio, fmt_stat, interleave, package_version, print_table, summarize
-
 import torch
+from common import Bench, fmt_ratio, fmt_stat, interleave, package_version, print_table, summarize
 from torch.utils.data import DataLoader, TensorDataset
 
 import trainkit as tk
@@ -53,9 +55,15 @@ from trainkit.checkpoint import (
     KEY_TASK,
     KEY_TRAINER,
     CheckpointStorage,
+    regular_name,
 )
 
-TARGETS = {("local", "write"): 1.10, ("local", "read"): 1.10, ("s3", "write"): 1.2, ("async", "stall"): 0.25}
+TARGETS = {
+    ("local", "write"): 1.10,
+    ("local", "read"): 1.10,
+    ("s3", "write"): 1.2,
+    ("async", "stall, later save"): 0.25,
+}
 KEY, SECRET, REGION = "testing", "testing", "us-east-1"
 
 
@@ -80,7 +88,12 @@ def make_checkpoint(width: int, layers: int) -> dict[str, Any]:
         KEY_OPTIMIZERS: [opt.state_dict()],
         KEY_SCHEDULERS: [],
         KEY_GRAD_SCALER: None,
-        KEY_TRAINER: {"global_step": 1, "epoch": 0, "batch_in_epoch": 1, "rng": {"torch": torch.get_rng_state()}},
+        KEY_TRAINER: {
+            "global_step": 1,
+            "epoch": 0,
+            "batch_in_epoch": 1,
+            "rng": {"torch": torch.get_rng_state()},
+        },
         KEY_CALLBACKS: {},
         KEY_TASK: {},
     }
@@ -106,6 +119,18 @@ def save_fsync(obj: Any, path: str) -> None:
         os.fsync(f.fileno())
 
 
+def save_atomic(obj: Any, path: str) -> None:
+    """The atomic write by hand: a temporary name, fsync, rename over the final name, fsync the directory."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    save_fsync(obj, tmp)
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def timer(fn: Callable[[], Any]) -> Callable[[], float]:
     def run() -> float:
         start = time.perf_counter()
@@ -128,7 +153,12 @@ def moto_server() -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
     command = [exe] if os.path.exists(exe) else [sys.executable, "-m", "moto.server"]
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": REGION}
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": REGION,
+    }
     proc = subprocess.Popen(
         [*command, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -173,34 +203,44 @@ class BigTask(tk.TaskModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-class StallProbe(tk.Callback):
-    """From the end of step 1 (after the optimizer step) to the start of step 2: the save sits in between."""
+SAVE_STEPS = (2, 4)  # save_interval=2, max_steps=5: the stall of a first and of a later save
 
-    def __init__(self) -> None:
-        self.step_end = 0.0
-        self.stall: float | None = None
+
+class StallProbe(tk.Callback):
+    """The stall of each save: from the end of a saving step (on_batch_end, after the optimizer step) to the
+    start of the next step (on_batch_start); the save runs in between. Before the second saving step it waits
+    until the first file is complete, as in a run whose saves lie far apart."""
+
+    def __init__(self, directory: str) -> None:
+        self.first_file = os.path.join(directory, regular_name(SAVE_STEPS[0]))
+        self.step_end: dict[int, float] = {}
+        self.stalls: dict[int, float] = {}
 
     def on_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == 1:
-            self.step_end = time.perf_counter()
+        self.step_end[trainer.global_step] = time.perf_counter()
 
     def on_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == 1 and self.stall is None:
-            self.stall = time.perf_counter() - self.step_end
+        step = trainer.global_step  # optimizer steps done so far
+        if step in SAVE_STEPS:
+            self.stalls[step] = time.perf_counter() - self.step_end[step]
+        if step == SAVE_STEPS[1] - 1:
+            deadline = time.monotonic() + 300
+            while not os.path.exists(self.first_file) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.05)  # the writer's last directory fsync
 
 
-def save_stall(width: int, layers: int, root: str, async_checkpoint: bool) -> float:
+def save_stalls(width: int, layers: int, root: str, async_checkpoint: bool) -> dict[str, float]:
     directory = tempfile.mkdtemp(prefix="stall-", dir=root)
     try:
-        probe = StallProbe()
+        probe = StallProbe(directory)
         loader = DataLoader(TensorDataset(torch.randn(4, width)), batch_size=2)
         trainer = tk.Trainer(
-            max_steps=2, save_interval=1, checkpoint_dir=directory, log_dir=None, progress_bar=False,
-            async_checkpoint=async_checkpoint, callbacks=[probe],
+            max_steps=SAVE_STEPS[1] + 1, save_interval=SAVE_STEPS[0], checkpoint_dir=directory, log_dir=None,
+            progress_bar=False, async_checkpoint=async_checkpoint, callbacks=[probe],
         )  # fmt: skip
         trainer.fit(BigTask(width, layers), loader)
-        assert probe.stall is not None
-        return probe.stall
+        return {"first": probe.stalls[SAVE_STEPS[0]], "later": probe.stalls[SAVE_STEPS[1]]}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -221,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     data = buffer.getvalue()
+    file_bytes = len(data)
     del buffer
     root = tempfile.mkdtemp(prefix="tk-ckpt-bench-", dir=bench.args.dir)
     bench.settings.update(
@@ -228,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         file_bytes=len(data), directory=root, warmup_runs=1,
         ratio="median over rounds of contender / reference in the same round",
     )  # fmt: skip
-    print(f"## state: {params / 1e6:.1f} M parameters, {len(data) / 2**20:.0f} MiB serialised, in {root}", flush=True)
+    print(
+        f"## state: {params / 1e6:.2f} M parameters, {file_bytes / 2**20:.2f} MiB serialised, in {root}",
+        flush=True,
+    )
     table: list[list[Any]] = []
 
     def record(group: str, operation: str, reference: str, results: dict[str, list[float]]) -> None:
@@ -240,11 +284,11 @@ def main(argv: list[str] | None = None) -> int:
                 "group": group, "operation": operation, "contender": name, "reference": reference,
                 "seconds": summarize(values), "ratio": ratio, "target": target,
                 "meets_target": (ratio["median"] <= target) if (ratio and target is not None) else None,
-                "samples_s": [round(v, 4) for v in values], "bytes": len(data),
+                "samples_s": [round(v, 4) for v in values], "bytes": file_bytes,
             })  # fmt: skip
-            mib_s = len(data) / 2**20 / summarize(values)["median"]
+            mib_s = file_bytes / 2**20 / summarize(values)["median"]
             table.append([
-                group, operation, name, fmt_stat(summarize(values), 1e3), f"{mib_s:.0f}",
+                group, operation, name, fmt_stat(summarize(values), 1e3), "-" if group == "async" else f"{mib_s:.0f}",
                 "1 (reference)" if ratio is None
                 else f"{fmt_ratio(ratio['median'], target)} [{ratio['min']:.3f}-{ratio['max']:.3f}]",
             ])  # fmt: skip
@@ -254,10 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         storage = CheckpointStorage(os.path.join(root, "trainkit"))
         bare = os.path.join(root, "bare.ckpt")
         synced = os.path.join(root, "synced.ckpt")
+        atomic = os.path.join(root, "atomic.ckpt")
         print("## local write", flush=True)
         record("local", "write", "torch.save", interleave({
             "torch.save": timer(lambda: torch.save(checkpoint, bare)),
             "torch.save + fsync": timer(lambda: save_fsync(checkpoint, synced)),
+            "by hand: temp file + fsync + rename": timer(lambda: save_atomic(checkpoint, atomic)),
             "trainkit write": timer(lambda: storage.write("tk.ckpt", checkpoint)),
         }, repeats=bench.repeats, warmup=1))  # fmt: skip
         print("## local read", flush=True)
@@ -265,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch.load": timer(lambda: torch.load(bare, map_location="cpu", weights_only=True)),
             "trainkit read": timer(lambda: storage.read("tk.ckpt")),
         }, repeats=bench.repeats, warmup=1))  # fmt: skip
-        for path in (bare, synced):
+        for path in (bare, synced, atomic):
             os.remove(path)
 
         # S3 on a local moto_server.
@@ -275,13 +321,16 @@ def main(argv: list[str] | None = None) -> int:
             bench.note("S3 part skipped: s3fs and moto[server] are needed (pip install 'trainkit[dev]')")
         else:
             os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+            os.environ.setdefault("AWS_DEFAULT_REGION", REGION)
             with moto_server() as endpoint:
                 import s3fs
 
-                options = {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": endpoint, "region_name": REGION}}
+                options = {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": endpoint}}
                 fs = s3fs.S3FileSystem(**options)
                 bucket = f"bench-{uuid.uuid4().hex[:8]}"
-                fs.mkdir(bucket)
+                fs.call_s3(
+                    "create_bucket", Bucket=bucket
+                )  # fs.mkdir would send a us-east-1 LocationConstraint
                 s3_storage = CheckpointStorage(f"s3://{bucket}/trainkit", options)
 
                 def save_and_pipe() -> None:
@@ -301,14 +350,21 @@ def main(argv: list[str] | None = None) -> int:
                         io.BytesIO(fs.cat_file(f"{bucket}/bare.ckpt")), map_location="cpu", weights_only=True)),
                     "trainkit read": timer(lambda: s3_storage.read("tk.ckpt")),
                 }, repeats=bench.repeats, warmup=1))  # fmt: skip
-        del data
+        data = b""  # free the 300 MB before the stall runs
 
-        # The stall a save puts into training.
+        # The stall a save puts into training: a first save, and a later one (async reuses host buffers).
         print("## async stall", flush=True)
-        record("async", "stall", "sync save (stall)", interleave({
-            "sync save (stall)": lambda: save_stall(width, layers, root, async_checkpoint=False),
-            "trainkit async save (stall)": lambda: save_stall(width, layers, root, async_checkpoint=True),
-        }, repeats=bench.repeats, warmup=1))  # fmt: skip
+        stalls = interleave({
+            "sync save": lambda: save_stalls(width, layers, root, async_checkpoint=False),
+            "trainkit async save": lambda: save_stalls(width, layers, root, async_checkpoint=True),
+        }, repeats=bench.repeats, warmup=1)  # fmt: skip
+        for which in ("first", "later"):
+            record(
+                "async",
+                f"stall, {which} save",
+                "sync save",
+                {k: [r[which] for r in v] for k, v in stalls.items()},
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

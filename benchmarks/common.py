@@ -120,12 +120,13 @@ def load_average() -> list[float] | None:
 
 
 def environment() -> dict[str, Any]:
-    """Versions of the packages that matter and a description of the machine."""
-    import torch
-
+    """Versions of the packages that matter and a description of the machine. Doesn't import torch where
+    the script hasn't (import_time.py times fresh interpreters and needs no torch of its own)."""
+    torch = sys.modules.get("torch")
     versions = {name: package_version(name) for name in PACKAGES}
     versions["python"] = platform.python_version()
-    versions["torch"] = torch.__version__
+    if torch is not None:
+        versions["torch"] = torch.__version__  # the local build tag too, e.g. 2.13.0+cpu
     versions["trainkit_commit"] = _git_commit()
     try:
         affinity = len(os.sched_getaffinity(0))
@@ -137,8 +138,8 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpus_usable": affinity,
         "mem_total_gib": _mem_total_gib(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "cuda": torch.cuda.get_device_name() if torch is not None and torch.cuda.is_available() else None,
         "load_average": load_average(),
     }
     return {"versions": versions, "machine": machine}

@@ -18,6 +18,8 @@ busy machine it is far less disturbed by other processes than wall time is.
     python benchmarks/overhead.py                 # everything (several minutes)
     python benchmarks/overhead.py --workloads W1,W3 --repeats 7
     python benchmarks/overhead.py --profile       # cProfile of one trainkit run per workload, no timing
+    python benchmarks/overhead.py --instructions --workloads W1,W3   # instructions per step (valgrind),
+                                                  # which a busy machine can't blur; ~20 min on 2 cores
     python benchmarks/overhead.py --smoke         # a few steps of each, for CI
 """
 
@@ -30,18 +32,22 @@ import dataclasses
 import hashlib
 import io
 import logging
+import os
 import pstats
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-from common import Bench, fmt_ratio, fmt_stat, interleave, package_version, print_table, summarize, tty_stderr
 
 import torch
 import torch.nn.functional as F
+from common import Bench, fmt_ratio, fmt_stat, interleave, package_version, print_table, summarize, tty_stderr
 from torch.utils.data import DataLoader, TensorDataset
 
 import trainkit as tk
@@ -68,7 +74,9 @@ class Workload:
     warmup_run_steps: int = 200
 
     def describe(self) -> str:
-        text = f"MLP {'->'.join(map(str, self.sizes))}, batch {self.batch}, {self.steps} steps, {self.optimizer}"
+        text = (
+            f"MLP {'->'.join(map(str, self.sizes))}, batch {self.batch}, {self.steps} steps, {self.optimizer}"
+        )
         if self.features:
             text += (
                 f", clip {CLIP}, EMA {DECAY}, warmup {self.warmup}+cosine, "
@@ -79,8 +87,12 @@ class Workload:
 
 WORKLOADS = {
     "W1": Workload("W1", (32, 64, 10), 32, 3000, "sgd", batches_per_epoch=500),
-    "W2": Workload("W2", (256, 1024, 1024, 10), 128, 600, "adamw", batches_per_epoch=100, warmup_run_steps=40),
-    "W3": Workload("W3", (32, 64, 10), 32, 3000, "sgd", batches_per_epoch=500, features=True, warmup_run_steps=510),
+    "W2": Workload(
+        "W2", (256, 1024, 1024, 10), 128, 600, "adamw", batches_per_epoch=100, warmup_run_steps=40
+    ),
+    "W3": Workload(
+        "W3", (32, 64, 10), 32, 3000, "sgd", batches_per_epoch=500, features=True, warmup_run_steps=510
+    ),
 }
 SMOKE = {
     "W1": dict(steps=40, batches_per_epoch=15, warmup_run_steps=10),
@@ -176,6 +188,13 @@ def digest(net: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def hand_evaluate(net: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
+    # Every DataLoader iterator draws a seed from the global RNG; forking it keeps the training shuffles
+    # independent of evaluation, as trainkit does (so both end with the same weights).
+    with torch.random.fork_rng(devices=[]):
+        return _hand_evaluate(net, loader)
+
+
+def _hand_evaluate(net: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
     net.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
     acc_sum = torch.zeros((), dtype=torch.float64)
@@ -249,7 +268,9 @@ def run_trainkit(wl: Workload, data: Data, stamp: Stamp, logging_on: bool = Fals
     task = TkTask(wl, stamp)
     features: dict[str, Any] = {}
     if wl.features:
-        features = dict(run_mode="step", eval_interval=wl.eval_every, clip_grad=CLIP, use_ema=True, ema_decay=DECAY)
+        features = dict(
+            run_mode="step", eval_interval=wl.eval_every, clip_grad=CLIP, use_ema=True, ema_decay=DECAY
+        )
     log_dir = tempfile.mkdtemp(prefix="tk-bench-") if logging_on else None
     try:
         with tty_stderr() if logging_on else contextlib.nullcontext():
@@ -267,7 +288,10 @@ def run_trainkit(wl: Workload, data: Data, stamp: Stamp, logging_on: bool = Fals
 def run_lightning(wl: Workload, data: Data, stamp: Stamp) -> torch.nn.Module:
     import lightning.pytorch as pl
 
-    for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available: False", tips, "max_steps reached"
+    for name in (
+        "lightning.pytorch",
+        "lightning.fabric",
+    ):  # "GPU available: False", tips, "max_steps reached"
         logging.getLogger(name).setLevel(logging.ERROR)
 
     class PlTask(pl.LightningModule):
@@ -286,7 +310,10 @@ def run_lightning(wl: Workload, data: Data, stamp: Stamp) -> torch.nn.Module:
             opt = make_optimizer(wl, self.parameters())
             if not wl.features:
                 return opt
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": make_scheduler(wl, opt), "interval": "step"}}
+            return {
+                "optimizer": opt,
+                "lr_scheduler": {"scheduler": make_scheduler(wl, opt), "interval": "step"},
+            }
 
     task = PlTask()
     callbacks: list[Any] = []
@@ -392,7 +419,9 @@ def _profile(fn: Callable[..., torch.nn.Module], wl: Workload, data: Data) -> ps
 
 def _calls(stats: pstats.Stats) -> dict[str, int]:
     table: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
-    return {f"{path.split('site-packages/')[-1]}:{line}({func})": v[1] for (path, line, func), v in table.items()}
+    return {
+        f"{path.split('site-packages/')[-1]}:{line}({func})": v[1] for (path, line, func), v in table.items()
+    }
 
 
 def profile_trainkit(wl: Workload, data: Data) -> None:
@@ -407,8 +436,10 @@ def profile_trainkit(wl: Workload, data: Data) -> None:
     print(f"## cProfile of trainkit on {wl.name} ({wl.steps} steps), by own time\n{out.getvalue()}")
     tk_calls, hand_calls = _calls(tk_stats), _calls(hand_stats)
     extra = sum(tk_calls.values()) - sum(hand_calls.values())
-    print(f"## {wl.name}: trainkit makes {extra / wl.steps:+.1f} Python-level calls per step beyond hand-written")
-    diffs = sorted(((tk_calls.get(k, 0) - hand_calls.get(k, 0), k) for k in set(tk_calls) | set(hand_calls)))
+    print(
+        f"## {wl.name}: trainkit makes {extra / wl.steps:+.1f} Python-level calls per step beyond hand-written"
+    )
+    diffs = sorted((tk_calls.get(k, 0) - hand_calls.get(k, 0), k) for k in set(tk_calls) | set(hand_calls))
     for count, name in diffs[::-1]:
         if abs(count) >= wl.steps // 2:
             print(f"  {count / wl.steps:+6.2f}/step  {name}")
@@ -464,14 +495,93 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     ]
 
 
+INSTRUCTION_STEPS = {"W1": (100, 1100), "W2": (10, 60), "W3": (100, 1100)}
+SMOKE_INSTRUCTION_STEPS = (3, 8)
+
+
+def run_single(spec: str) -> int:
+    """``--single CONTENDER:WORKLOAD:STEPS``: one untimed run, for a profiler or valgrind to watch."""
+    contender, name, steps = spec.split(":")
+    torch.set_num_threads(1)
+    wl = dataclasses.replace(WORKLOADS[name], steps=int(steps))
+    CONTENDERS[contender][0](wl, make_data(wl), Stamp())
+    return 0
+
+
+def count_instructions(contender: str, workload: str, steps: int) -> int:
+    """Instructions the whole process executes (all threads), counted by valgrind's cachegrind."""
+    command = [
+        "valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+        sys.executable, os.path.abspath(__file__), "--single", f"{contender}:{workload}:{steps}",
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+    match = re.search(r"I\s+refs:\s+([\d,]+)", proc.stderr)
+    if proc.returncode != 0 or match is None:
+        raise RuntimeError(f"valgrind run failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return int(match.group(1).replace(",", ""))
+
+
+def instructions_mode(
+    bench: Bench, workloads: list[Workload], names_for: Callable[[Workload], list[str]]
+) -> None:
+    """Executed instructions per step, from two run lengths (their difference cancels imports and setup):
+    a count that other processes on the machine cannot disturb, unlike time."""
+    jobs = []
+    for wl in workloads:
+        short, long = SMOKE_INSTRUCTION_STEPS if bench.smoke else INSTRUCTION_STEPS[wl.name]
+        jobs += [(wl.name, name, steps) for name in names_for(wl) for steps in (short, long)]
+    print(f"## {len(jobs)} valgrind runs, {bench.args.jobs} at a time", flush=True)
+    with ThreadPoolExecutor(max_workers=bench.args.jobs) as pool:
+        counts = dict(zip(jobs, pool.map(lambda job: count_instructions(job[1], job[0], job[2]), jobs)))
+    table = []
+    for wl in workloads:
+        short, long = SMOKE_INSTRUCTION_STEPS if bench.smoke else INSTRUCTION_STEPS[wl.name]
+        per_step = {
+            name: (counts[(wl.name, name, long)] - counts[(wl.name, name, short)]) / (long - short)
+            for name in names_for(wl)
+        }
+        for name, value in per_step.items():
+            ratio = value / per_step[HAND] if name != HAND else None
+            target = TARGETS.get((wl.name, name))
+            bench.add_row({
+                "workload": wl.name, "contender": name, "instructions_per_step": value, "instruction_ratio": ratio,
+                "steps": [short, long], "target": target,
+                "meets_target": (ratio <= target) if (ratio is not None and target is not None) else None,
+            })  # fmt: skip
+            table.append(
+                [
+                    wl.name,
+                    name,
+                    f"{value:,.0f}",
+                    "1 (reference)" if ratio is None else fmt_ratio(ratio, target),
+                ]
+            )
+    print()
+    print_table(["workload", "contender", "instructions/step", "ratio to hand-written"], table)
+
+
 def main(argv: list[str] | None = None) -> int:
     def extra(parser: Any) -> None:
         parser.add_argument("--workloads", default="W1,W2,W3", help="comma-separated subset of W1,W2,W3")
-        parser.add_argument("--contenders", default=None, help="comma-separated subset (hand-written always runs)")
-        parser.add_argument("--profile", action="store_true", help="print a cProfile of trainkit per workload")
+        parser.add_argument(
+            "--contenders", default=None, help="comma-separated subset (hand-written always runs)"
+        )
+        parser.add_argument(
+            "--profile", action="store_true", help="print a cProfile of trainkit per workload"
+        )
+        parser.add_argument(
+            "--instructions", action="store_true",
+            help="count executed instructions per step under valgrind instead of timing (slow; load-proof)",
+        )  # fmt: skip
+        parser.add_argument("--jobs", type=int, default=2, help="valgrind runs at a time (--instructions)")
+        parser.add_argument("--single", default=None, help="CONTENDER:WORKLOAD:STEPS, one untimed run")
 
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--single" in args:
+        return run_single(args[args.index("--single") + 1])
     torch.set_num_threads(1)
-    bench = Bench("overhead", __doc__, default_repeats=5, smoke_repeats=2, extra_args=extra, argv=argv)
+    name = "overhead_instructions" if "--instructions" in args else "overhead"
+    bench = Bench(name, __doc__, default_repeats=5, smoke_repeats=1, extra_args=extra, argv=argv)
     names = [w.strip() for w in bench.args.workloads.split(",") if w.strip()]
     unknown = sorted(set(names) - set(WORKLOADS))
     if unknown:
@@ -493,8 +603,33 @@ def main(argv: list[str] | None = None) -> int:
     if "lightning" not in missing_peers:
         bench.note(
             "Lightning W3 uses lightning.pytorch.callbacks.EMAWeightAveraging, which validates only the EMA "
-            "weights (swapped in); hand-written, trainkit and Ignite validate the base and the EMA model"
+            "weights (swapped in) and copies them into the model at the end of fit; hand-written, trainkit "
+            "and Ignite validate the base and the EMA model"
         )
+    if "ignite" not in missing_peers:
+        bench.note(
+            "W3 'same weights': hand-written and trainkit keep evaluation from drawing on the training RNG; "
+            "Ignite's evaluator (a new DataLoader iterator) draws a seed from it, so later shuffles differ"
+        )
+
+    if bench.args.instructions:
+        if shutil.which("valgrind") is None:
+            bench.note("valgrind is not installed: no instruction counts")
+        else:
+            bench.settings["instruction_steps"] = {
+                wl.name: SMOKE_INSTRUCTION_STEPS if bench.smoke else INSTRUCTION_STEPS[wl.name]
+                for wl in workloads
+            }
+            instructions_mode(
+                bench,
+                workloads,
+                lambda wl: [
+                    n for n in contenders_for(wl)
+                    if n not in missing_peers and (n == HAND or n in (wanted or {"trainkit", "trainkit+logging"}))
+                ],
+            )  # fmt: skip
+        bench.finish()
+        return 0
 
     if bench.args.profile:
         for wl in workloads:
@@ -514,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names_here:  # warm-up, untimed: imports, allocator, first-call caches
             measure(CONTENDERS[name][0], warm, data)
         results = interleave(
-            {n: (lambda fn=CONTENDERS[n][0]: measure(fn, wl, data)) for n in names_here},
+            {n: (lambda fn=CONTENDERS[n][0], wl=wl, data=data: measure(fn, wl, data)) for n in names_here},
             repeats=bench.repeats,
             warmup=0,
         )
