@@ -264,7 +264,9 @@ class Bench:
         smoke_repeats: int = 1,
         extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
         argv: Sequence[str] | None = None,
+        script: str | None = None,
     ) -> None:
+        """``name`` names the JSON file; ``script`` the file under benchmarks/ that ran (default: name)."""
         parser = argparse.ArgumentParser(
             description=description, formatter_class=argparse.RawDescriptionHelpFormatter
         )
@@ -283,7 +285,8 @@ class Bench:
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.load_at_start = load_average()
         argv_used = list(sys.argv[1:]) if argv is None else list(argv)
-        self.command = " ".join(["python", f"benchmarks/{name}.py", *(shlex.quote(a) for a in argv_used)])
+        script_path = f"benchmarks/{script or name}.py"
+        self.command = " ".join(["python", script_path, *(shlex.quote(a) for a in argv_used)])
         self.env = environment()
         versions, machine = self.env["versions"], self.env["machine"]
         print(

@@ -581,7 +581,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_single(args[args.index("--single") + 1])
     torch.set_num_threads(1)
     name = "overhead_instructions" if "--instructions" in args else "overhead"
-    bench = Bench(name, __doc__, default_repeats=5, smoke_repeats=1, extra_args=extra, argv=argv)
+    bench = Bench(
+        name, __doc__, default_repeats=5, smoke_repeats=1, extra_args=extra, argv=argv, script="overhead"
+    )
     names = [w.strip() for w in bench.args.workloads.split(",") if w.strip()]
     unknown = sorted(set(names) - set(WORKLOADS))
     if unknown:
@@ -600,18 +602,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in sorted(missing_peers):
         bench.note(f"{name} is not installed: skipped (pip install 'trainkit[bench]')")
-    if "lightning" not in missing_peers:
-        bench.note(
-            "Lightning W3 uses lightning.pytorch.callbacks.EMAWeightAveraging, which validates only the EMA "
-            "weights (swapped in) and copies them into the model at the end of fit; hand-written, trainkit "
-            "and Ignite validate the base and the EMA model"
-        )
-    if "ignite" not in missing_peers:
-        bench.note(
-            "W3 'same weights': hand-written and trainkit keep evaluation from drawing on the training RNG; "
-            "Ignite's evaluator (a new DataLoader iterator) draws a seed from it, so later shuffles differ"
-        )
-
     if bench.args.instructions:
         if shutil.which("valgrind") is None:
             bench.note("valgrind is not installed: no instruction counts")
@@ -630,6 +620,18 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         bench.finish()
         return 0
+
+    if "lightning" not in missing_peers:
+        bench.note(
+            "Lightning W3 uses lightning.pytorch.callbacks.EMAWeightAveraging, which validates only the EMA "
+            "weights (swapped in) and copies them into the model at the end of fit; hand-written, trainkit "
+            "and Ignite validate the base and the EMA model"
+        )
+    if "ignite" not in missing_peers:
+        bench.note(
+            "W3 'same weights': hand-written and trainkit keep evaluation from drawing on the training RNG; "
+            "Ignite's evaluator (a new DataLoader iterator) draws a seed from it, so later shuffles differ"
+        )
 
     if bench.args.profile:
         for wl in workloads:
