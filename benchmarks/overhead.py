@@ -12,8 +12,9 @@ Contenders run interleaved (A, B, C, A, B, C, ...) after one warm-up run each. P
 state: from the start of the second training_step to the end of fit, divided by steps - 1 (evaluations
 and teardown included). Time to first step: from before the model is built to the start of the second
 training_step. The ratio is the median of the per-round ratios to the hand-written loop (min-max beside it).
-Beside wall time, the process CPU time per step (time.process_time, all threads) is reported: on a shared,
-busy machine it is far less disturbed by other processes than wall time is.
+Beside wall time, the process CPU time per step (time.process_time, all threads) is reported: it leaves
+out time spent waiting for a CPU, though not the slowdown other processes cause through shared caches.
+--instructions counts executed instructions instead (valgrind), which other processes cannot disturb.
 
     python benchmarks/overhead.py                 # everything (several minutes)
     python benchmarks/overhead.py --workloads W1,W3 --repeats 7
