@@ -77,6 +77,7 @@ log = logging.getLogger("trainkit")
 __all__ = ["Trainer", "FitResult", "EvalRecord", "MetricNotFoundError"]
 
 _END = object()
+_NO_SYNC = contextlib.nullcontext()  # reusable: no context object is built on steps that sync gradients
 
 
 class MetricNotFoundError(ValueError, KeyError):
@@ -519,7 +520,7 @@ class Trainer:
             micro += 1
             pass_done = self._num_batches is not None and self._batch_in_epoch >= self._num_batches
             boundary = micro == accumulate or pass_done
-            sync = contextlib.nullcontext() if (boundary or self._ddp is None) else self._ddp.no_sync()
+            sync = _NO_SYNC if (boundary or self._ddp is None) else self._ddp.no_sync()
             with sync:
                 if self._autocast_dtype is None:
                     out = forward(batch, batch_idx)
