@@ -9,8 +9,9 @@ num_workers=0, torch.set_num_threads(1) per rank, SGD lr 0.01, cross-entropy):
     D2  MLP 256->1024->1024->10,     per-rank batch 64,  300 steps   (~1.3M parameters to all-reduce)
 
 The hand-written loop is what a careful user writes: DDP(net), sampler.set_epoch every pass,
-forward -> loss -> backward -> step -> zero_grad(set_to_none=True). trainkit adds its per-step stop-flag
-all-reduce (so that a stop requested on any rank ends every rank at the same step) and its hooks.
+forward -> loss -> backward -> step -> zero_grad(set_to_none=True). trainkit adds its stop vote (two
+flags that ride as one more gradient in DDP's own all-reduce, so that a stop requested on any rank ends
+every rank at the same step) and its hooks.
 The contenders run interleaved (hand, trainkit, hand, trainkit, ...) after one warm-up run each. Per step
 is the steady state: from the start of the second training step to the end of training on that rank,
 divided by steps - 1; each rank measures its own and the slower rank counts. The ratio is the median of

@@ -15,12 +15,13 @@ import io
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from helpers import TinyClassifier, make_loader  # the script's directory (tests/) is on sys.path
+from helpers import TinyClassifier, make_data, make_loader  # the script's directory (tests/) is on sys.path
 
 import trainkit as tk
 
@@ -55,22 +56,53 @@ class Recorder(tk.Callback):
     """Remembers the first training batch, the step after every optimizer step, and stops where told."""
 
     def __init__(
-        self, stop_on_rank: int | None = None, stop_at: int | None = None, fail_at: int | None = None
+        self,
+        stop_on_rank: int | None = None,
+        stop_at: int | None = None,
+        fail_at: int | None = None,
+        stop_in: str = "on_batch_end",
+        signal_at: int | None = None,
     ):
         self.first_batch: torch.Tensor | None = None
         self.steps: list[int] = []
         self.stop_on_rank, self.stop_at, self.fail_at = stop_on_rank, stop_at, fail_at
+        self.stop_in, self.signal_at = stop_in, signal_at
+
+    def _maybe_stop(self, trainer, hook: str) -> None:
+        if hook == self.stop_in and trainer.rank == self.stop_on_rank and trainer.global_step == self.stop_at:
+            trainer.should_stop = True
 
     def on_batch_start(self, trainer, module, batch, batch_idx):
         if self.first_batch is None:
             self.first_batch = batch[0].clone()
         if self.fail_at is not None and trainer.rank == 1 and trainer.global_step == self.fail_at:
             raise RuntimeError(f"boom on rank 1 at step {trainer.global_step}")
+        self._maybe_stop(trainer, "on_batch_start")
 
     def on_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.steps.append(trainer.global_step)
-        if trainer.rank == self.stop_on_rank and trainer.global_step == self.stop_at:
-            trainer.should_stop = True
+        self._maybe_stop(trainer, "on_batch_end")
+        if trainer.rank == 1 and trainer.global_step == self.signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)  # as a scheduler's preemption notice to one process
+
+
+class HandSharded(torch.utils.data.IterableDataset):
+    """A stream without a length that the user shards: batch ``i`` of ``rank`` holds rows
+    ``[i*world*B + rank*B, i*world*B + (rank+1)*B)``, so one process with ``world`` = 1 and batch 2B reads
+    the union of two ranks' batches."""
+
+    def __init__(self, rank: int, world: int, batch: int, batches: int) -> None:
+        self.rank, self.world, self.batch, self.batches = rank, world, batch, batches
+
+    def __iter__(self):
+        x, y = make_data(TRAIN_N).tensors
+        for i in range(self.batches):
+            start = (i * self.world + self.rank) * self.batch
+            yield x[start : start + self.batch], y[start : start + self.batch]
+
+
+def stream_loader(rank: int, world: int, batch: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(HandSharded(rank, world, batch, batches=3), batch_size=None)
 
 
 class Plateau(TinyClassifier):
@@ -130,7 +162,8 @@ def scenario_main(out: Path, ckpt_1rank: str, tcp_port: int) -> None:
     results["A"]["progress"] = progress.getvalue()
     results["A"]["best_checkpoint"] = result.best_checkpoint
 
-    # B: the user created the group (trainkit must leave it alive); rank 1 alone asks to stop at step 5.
+    # B: the user created the group (trainkit must leave it alive); rank 1 alone asks to stop after step 5.
+    # The other rank hears it with the next step's gradients, so both ranks end after step 6.
     dist.init_process_group("gloo")
     module = TinyClassifier()
     rec = Recorder(stop_on_rank=1, stop_at=5)
@@ -140,6 +173,43 @@ def scenario_main(out: Path, ckpt_1rank: str, tcp_port: int) -> None:
     )  # fmt: skip
     result = trainer.fit(module, loaders(PER_RANK_BATCH)[0])
     results["B"] = summary(trainer, result, module, rec)
+    results["B"]["should_stop"] = trainer.should_stop
+
+    # B2: rank 1 asks as step 5 begins (on_batch_start, global_step 4): the request goes out with that step,
+    # through two accumulation micro-steps (the first under no_sync).
+    rec = Recorder(stop_on_rank=1, stop_at=4, stop_in="on_batch_start")
+    trainer = tk.Trainer(
+        run_mode="step", max_steps=50, accumulate_grad_batches=2, distributed=True, callbacks=[rec],
+        checkpoint_dir=None, log_dir=None, progress_bar=False,
+    )  # fmt: skip
+    module = TinyClassifier()
+    result = trainer.fit(module, loaders(PER_RANK_BATCH)[0])
+    results["B2"] = summary(trainer, result, module, rec)
+
+    # B3: a signal reaches rank 1 alone after step 3: both ranks stop after step 4, and rank 0 saves it.
+    rec = Recorder(signal_at=3)
+    trainer = tk.Trainer(
+        run_mode="step", max_steps=50, distributed=True, callbacks=[rec],
+        checkpoint_dir=str(out / "signal" / f"ckpt_rank{rank}"), log_dir=None, progress_bar=False,
+    )  # fmt: skip
+    module = TinyClassifier()
+    result = trainer.fit(module, loaders(PER_RANK_BATCH)[0])
+    results["B3"] = summary(trainer, result, module, rec)
+
+    # The vote beside GPU gradients (an all-reduce of its own on a CPU group), checked directly on CPU.
+    from trainkit.distributed import GroupVote
+
+    vote = GroupVote(dist.new_group(backend="gloo"))
+    seen: list[Any] = [vote.collect()]
+    vote.send(rank == 1, False)
+    seen.append(vote.collect())
+    vote.send(False, rank == 0)
+    vote.send(True, True)  # a second send before collect is ignored: one exchange per step
+    seen.append(vote.collect())
+    seen.append(vote.now(False, False))
+    vote.send(rank == 0, False)
+    seen.append(vote.now(False, rank == 1))  # the pending exchange and this one
+    results["group_vote"] = seen
     dist.destroy_process_group()
 
     # C: early stopping on a metric whose stop step follows from the rule (step 4); trainkit creates the
@@ -175,6 +245,19 @@ def scenario_main(out: Path, ckpt_1rank: str, tcp_port: int) -> None:
     module = TinyClassifier()
     result = trainer.fit(module, loaders(PER_RANK_BATCH)[0])
     results["E"] = summary(trainer, result, module, rec)
+
+    # G: a loader without a length, 3 batches a pass, accumulation 2: the pass's last step is a partial one
+    # whose micro-step ran under no_sync, so its gradients are averaged by hand.
+    module = TinyClassifier()
+    rec = Recorder()
+    trainer = tk.Trainer(
+        run_mode="epoch", max_epochs=1, accumulate_grad_batches=2, distributed=True, callbacks=[rec],
+        checkpoint_dir=None, log_dir=None, progress_bar=False,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "cannot shard it": this stream is sharded by hand
+        result = trainer.fit(module, stream_loader(rank, 2, PER_RANK_BATCH))
+    results["G"] = summary(trainer, result, module, rec)
 
     # F: no launcher environment at all, as some launchers leave it: rank=, world_size=, init_method=.
     for name in list(os.environ):  # TORCHELASTIC_USE_AGENT_STORE would send tcp:// to torchrun's store

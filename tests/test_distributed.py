@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from ddp_worker import COMMON, MAX_STEPS, PER_RANK_BATCH, TRAIN_N, loaders
+from ddp_worker import COMMON, MAX_STEPS, PER_RANK_BATCH, TRAIN_N, loaders, stream_loader
 from helpers import TinyClassifier, make_data, make_loader, quiet
 
 import trainkit as tk
@@ -175,8 +175,9 @@ def test_validation_metrics_cover_the_whole_set_and_agree_on_every_rank(main_run
 @pytest.mark.timeout(300)
 def test_only_rank_zero_writes_checkpoints_logs_and_progress(main_run):
     out = main_run.out
-    # Each rank was given its own directories: rank 1's must not exist at all ("swapped": fit E's).
-    names = ["ckpt_rank0", "main_rank0.pt", "main_rank1.pt", "ref_ckpt", "runs_rank0", "swapped"]
+    # Each rank was given its own directories: rank 1's must not exist at all ("signal", "swapped": fits
+    # B3 and E).
+    names = ["ckpt_rank0", "main_rank0.pt", "main_rank1.pt", "ref_ckpt", "runs_rank0", "signal", "swapped"]
     assert sorted(os.listdir(out)) == names
     assert sorted(os.listdir(out / "ckpt_rank0")) == [
         "best.ckpt",
@@ -236,17 +237,61 @@ def test_one_process_checkpoint_resumes_on_two_ranks(main_run):
 
 @pytest.mark.timeout(300)
 def test_stop_requested_on_rank_one_only_ends_fit_on_both_ranks(main_run):
+    # Asked in on_batch_end after step 5 on rank 1: rank 0 hears it with step 6's gradients.
     for r in main_run.ranks:
         b = r["B"]
-        assert (b["global_step"], b["stop_reason"], b["stopped_early"]) == (5, "should_stop", False)
-        assert b["steps"] == [1, 2, 3, 4, 5]
+        assert (b["global_step"], b["stop_reason"], b["stopped_early"]) == (6, "should_stop", False)
+        assert b["steps"] == [1, 2, 3, 4, 5, 6]
+        assert b["should_stop"] is True  # rank 0 too: it learned of the request
     assert_equal(main_run.ranks[0]["B"]["params"], main_run.ranks[1]["B"]["params"])
+
+
+@pytest.mark.timeout(300)
+def test_stop_requested_as_a_step_begins_ends_fit_after_that_step(main_run):
+    for r in main_run.ranks:
+        b = r["B2"]
+        assert (b["global_step"], b["stop_reason"]) == (5, "should_stop")
+        assert b["steps"] == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5]  # on_batch_end after each of two micro-steps
+    assert_equal(main_run.ranks[0]["B2"]["params"], main_run.ranks[1]["B2"]["params"])
+
+
+@pytest.mark.timeout(300)
+def test_signal_on_one_rank_stops_both_and_rank_zero_saves_that_step(main_run):
+    for r in main_run.ranks:
+        b = r["B3"]
+        assert (b["global_step"], b["stop_reason"], b["steps"]) == (4, "signal", [1, 2, 3, 4])
+    assert sorted(os.listdir(main_run.out / "signal")) == ["ckpt_rank0"]
+    assert os.listdir(main_run.out / "signal" / "ckpt_rank0") == ["step_000000004.ckpt"]
+    ckpt = tk.load_checkpoint(main_run.out / "signal" / "ckpt_rank0" / "step_000000004.ckpt")
+    assert ckpt["trainer"]["global_step"] == 4
+    assert_equal(ckpt["model"], main_run.ranks[0]["B3"]["params"])
+
+
+@pytest.mark.timeout(300)
+def test_partial_accumulation_at_the_end_of_an_unsized_pass_is_averaged_over_ranks(main_run):
+    module = TinyClassifier()
+    result = tk.Trainer(run_mode="epoch", max_epochs=1, accumulate_grad_batches=2, **quiet()).fit(
+        module, stream_loader(0, 1, 2 * PER_RANK_BATCH)
+    )
+    assert result.global_step == 2
+    g0, g1 = (r["G"] for r in main_run.ranks)
+    # on_batch_end of the third batch comes before the pass ends and its partial step is taken
+    assert (g0["global_step"], g0["epoch"], g0["steps"]) == (2, 1, [0, 1, 1])
+    assert_equal(g0["params"], g1["params"])
+    assert_close(g0["params"], state(module))
+
+
+@pytest.mark.timeout(300)
+def test_group_vote_agrees_on_every_ranks_flags(main_run):
+    for r in main_run.ranks:
+        assert r["group_vote"] == [None, (True, False), (False, True), (False, False), (True, True)]
 
 
 @pytest.mark.timeout(300)
 def test_process_group_destroyed_only_when_trainkit_created_it(main_run):
     for r in main_run.ranks:
-        assert [r[k]["group_alive_after_fit"] for k in "ABCDEF"] == [False, True, False, False, False, False]
+        alive = [r[k]["group_alive_after_fit"] for k in ("A", "B", "B2", "B3", "C", "D", "E", "F", "G")]
+        assert alive == [False, True, True, True, False, False, False, False, False]
 
 
 @pytest.mark.timeout(300)

@@ -1,14 +1,16 @@
 """The few torch.distributed calls the Trainer makes, and the launcher checks behind ``distributed=True``.
 
-Every collective here is called by every rank at the same point of the loop; decisions that could differ
-between ranks (a user's ``should_stop`` on one rank, a signal that reached one process) are folded into
-one small all-reduce per optimizer step, so ranks never disagree about whether to take the next step.
+Every collective here is called by every rank at the same point of the loop. Decisions that could differ
+between ranks (a user's ``should_stop`` on one rank, a signal that reached one process) are put to a
+``StopVote``: each rank's flags go out as a step begins and every rank reads the same answer after it,
+so ranks never disagree about whether to take the next step. The flags travel with the step's own
+gradients (``GradientVote``), or beside GPU gradients in an all-reduce that the step hides
+(``GroupVote``): agreeing costs no round trip of its own.
 """
-
-from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,3 +138,129 @@ def setup(
     elif device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
     return ctx, device
+
+
+def stop_vote(world_size: int, device: torch.device, module: torch.nn.Module) -> "StopVote | None":
+    """The vote for this run: none for a single rank (no one to ask); beside CPU gradients on gloo, the
+    flags ride with them; beside GPU gradients, they get a CPU group of their own, so that agreeing on them
+    never waits for a GPU stream."""
+    if world_size == 1:
+        return None
+    if dist.get_backend() == "gloo" and device.type == "cpu":
+        floating = (p.dtype for p in module.parameters() if p.is_floating_point())
+        return GradientVote(next(floating, torch.float32))  # the model's dtype: the same DDP bucket
+    return GroupVote(dist.new_group(backend="gloo"))
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients over ranks by hand, as DDP would have in its backward: for micro-steps that ran
+    under ``no_sync`` because the pass's end could not be known ahead (a loader without a length).
+
+    A parameter no rank has a gradient for keeps ``None``, as DDP leaves globally unused ones.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    scale = 1.0 / dist.get_world_size()
+    for group in groups.values():
+        device, dtype = group[0].device, group[0].dtype
+        used = torch.tensor([float(p.grad is not None) for p in group], device=device, dtype=dtype)
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
+        flat = torch.cat([used, *grads])
+        dist.all_reduce(flat)
+        offset = len(group)
+        for p, anyone in zip(group, flat[: len(group)].tolist()):
+            if anyone > 0:
+                p.grad = flat[offset : offset + p.numel()].view_as(p).mul_(scale)
+            offset += p.numel()
+
+
+class StopVote:
+    """Agrees across ranks on the stop requests that only one rank may see: a user's ``should_stop`` and a
+    signal, as they stand when a step begins.
+
+    ``send`` hands this rank's flags over as a step begins and returns at once; ``collect``, after the
+    step, says whether any rank asked (``None`` when nothing was exchanged since). ``now`` agrees on the
+    flags as they stand and waits for the answer: it makes the final decision. Two ways to carry them:
+    ``GradientVote`` beside CPU gradients, ``GroupVote`` beside GPU ones.
+    """
+
+    group: Any = None
+
+    def send(self, requested: bool, signalled: bool) -> None:
+        raise NotImplementedError
+
+    def collect(self) -> tuple[bool, bool] | None:
+        raise NotImplementedError
+
+    def now(self, requested: bool, signalled: bool) -> tuple[bool, bool]:
+        earlier = self.collect() or (False, False)
+        flags = torch.tensor([int(requested), int(signalled)], dtype=torch.int32)
+        dist.all_reduce(flags, group=self.group)
+        return earlier[0] or flags[0].item() > 0, earlier[1] or flags[1].item() > 0
+
+
+class GradientVote(StopVote):
+    """The flags travel as the gradient of a two-element parameter that DDP reduces with the model's own
+    gradients (in the same bucket when the dtypes match): no message of their own, no Python comm hook.
+
+    ``attach`` adds ``carrier . flags`` to the step's loss. The carrier is zero and never stepped, so the
+    loss keeps its exact value; the gradient that reaches the carrier is the flags (times the positive
+    scale of the loss: accumulation, a GradScaler). DDP averages it over ranks, so any value above zero
+    after the step means that some rank asked.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.carrier = torch.nn.Parameter(torch.zeros(2, dtype=dtype))
+        self._values: dict[tuple[bool, bool], torch.Tensor] = {}
+        self._flags = self._value(False, False)
+
+    def _value(self, requested: bool, signalled: bool) -> torch.Tensor:
+        key = (requested, signalled)
+        if key not in self._values:
+            self._values[key] = torch.tensor([float(requested), float(signalled)], dtype=self.carrier.dtype)
+        return self._values[key]
+
+    def attach(self, out: Any) -> Any:
+        if isinstance(out, torch.Tensor):
+            return self._carry(out)
+        if isinstance(out, Mapping) and isinstance(out.get("loss"), torch.Tensor):
+            return {**out, "loss": self._carry(out["loss"])}
+        return out  # not a loss: the trainer says so
+
+    def _carry(self, loss: torch.Tensor) -> torch.Tensor:
+        term = self.carrier.dot(self._flags)
+        return loss + (term if term.dtype == loss.dtype else term.to(loss.dtype))
+
+    def send(self, requested: bool, signalled: bool) -> None:
+        self._flags = self._value(requested, signalled)
+
+    def collect(self) -> tuple[bool, bool] | None:
+        grad, self.carrier.grad = self.carrier.grad, None
+        if grad is None:
+            return None
+        requested, signalled = grad.tolist()
+        return requested > 0, signalled > 0
+
+
+class GroupVote(StopVote):
+    """The flags go in an all-reduce of their own on a CPU (gloo) group, started as the step begins and
+    long arrived by its end, so agreeing never waits for a GPU stream."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self._pending: Any = None
+        self._flags: torch.Tensor | None = None
+
+    def send(self, requested: bool, signalled: bool) -> None:
+        if self._pending is None:
+            self._flags = torch.tensor([int(requested), int(signalled)], dtype=torch.int32)
+            self._pending = dist.all_reduce(self._flags, group=self.group, async_op=True)
+
+    def collect(self) -> tuple[bool, bool] | None:
+        if self._pending is None or self._flags is None:
+            return None
+        self._pending.wait()
+        requested, signalled = self._flags.tolist()
+        self._pending = self._flags = None
+        return requested > 0, signalled > 0

@@ -62,7 +62,7 @@ from .data import (
     shard_train_loader,
     skip_batches,
 )
-from .distributed import DistContext
+from .distributed import DistContext, GradientVote, StopVote
 from .early_stopping import EarlyStopChecker, MetricTracker
 from .ema import EMA
 from .evaluation import run_eval_loop
@@ -114,14 +114,19 @@ class FitResult:
 
 
 class _TrainingStepForward(torch.nn.Module):
-    """Routes DDP's ``forward`` to ``training_step``, so DDP sees the step's outputs and syncs gradients."""
+    """Routes DDP's ``forward`` to ``training_step``, so DDP sees the step's outputs and syncs gradients;
+    with a ``GradientVote``, the stop flags ride along as one more gradient."""
 
-    def __init__(self, task: TaskModule) -> None:
+    def __init__(self, task: TaskModule, vote: GradientVote | None) -> None:
         super().__init__()
         self.task = task
+        self.vote = vote
+        if vote is not None:
+            self.stop_flags = vote.carrier
 
     def forward(self, batch: Any, batch_idx: int) -> Any:
-        return self.task.training_step(batch, batch_idx)
+        out = self.task.training_step(batch, batch_idx)
+        return out if self.vote is None else self.vote.attach(out)
 
 
 def _overridden(obj: Any, name: str) -> bool:
@@ -338,6 +343,8 @@ class Trainer:
         self._progress = Progress(False, None)
         self._logger = RunLogger(None, {})
         self._old_handlers: dict[int, Any] = {}
+        self._ddp: Any = None
+        self._vote: StopVote | None = None
 
     def _setup(self, module: TaskModule, train: Any, val: Any, test: Any) -> None:
         cfg = self.config
@@ -398,19 +405,16 @@ class Trainer:
         self._move = self.device.type != "cpu"
         # DDP wraps a forwarder built from the *unwrapped* module; EMA, checkpoints and evaluation keep
         # using the unwrapped module.
-        self._ddp: Any = None
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
+            self._vote = dist_utils.stop_vote(self.dist.world_size, self.device, module)
+            carrier = self._vote if isinstance(self._vote, GradientVote) else None
             self._ddp = DistributedDataParallel(
-                _TrainingStepForward(module),
+                _TrainingStepForward(module, carrier),
                 device_ids=[self.device] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.find_unused_parameters,
             )
-            self._control_group = None
-            if torch.distributed.get_backend() != "gloo":
-                # Stop flags travel on a CPU group, so agreeing on them never syncs the GPU stream.
-                self._control_group = torch.distributed.new_group(backend="gloo")
         # After the wrap: DDP has broadcast rank 0's weights, so every rank's EMA starts from the same copy.
         self._ema = EMA(module, cfg.ema_decay, cfg.ema_warmup) if cfg.use_ema else None
         self._writer = AsyncWriter() if cfg.async_checkpoint else None
@@ -444,7 +448,11 @@ class Trainer:
         self._batch_end_hooks = [p.on_batch_end for p in participants if _overridden(p, "on_batch_end")]
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        log.warning("trainkit: received signal %s; stopping after the current optimizer step", signum)
+        log.warning(
+            "trainkit: received signal %s; stopping after the current optimizer step%s",
+            signum,
+            " (under DDP: after the next one, once every rank has heard)" if self._vote is not None else "",
+        )
         self._signal = signum
 
     def _notify_exception(self, module: TaskModule, exc: BaseException) -> None:
@@ -478,7 +486,7 @@ class Trainer:
             self.dist.barrier()  # files rank 0 wrote exist when fit returns on every rank
         # The DDP wrapper must go before its group: a reducer freed after destroy_process_group can hang
         # in its destructor (gloo), e.g. when the garbage collector reaches it during a second fit.
-        self._ddp = self._control_group = None
+        self._ddp = self._vote = None
         self.dist.destroy()
         return errors[0] if errors and not failed else None
 
@@ -492,6 +500,7 @@ class Trainer:
         forward = self._ddp if self._ddp is not None else module.training_step
         accumulate = cfg.accumulate_grad_batches
         scaler, clip, ema = self._scaler, cfg.clip_grad, self._ema
+        vote = self._vote
         micro = 0
         self._check_stop()
         while self.stop_reason is None:
@@ -503,6 +512,8 @@ class Trainer:
                     raise ValueError("train_loader yielded no batches; expected at least one batch per pass")
                 if micro:  # a partial accumulation at the end of a pass still makes a step
                     micro = 0
+                    if self._ddp is not None:  # its micro-steps ran under no_sync: the end came unannounced
+                        dist_utils.average_gradients(list(self._ddp.parameters()))
                     self._optimizer_step(optimizer, scaler, clip, ema)
                     self._after_step(pass_done=True)
                 else:
@@ -517,6 +528,8 @@ class Trainer:
                 batch = move_to_device(batch, self.device)
             for hook in self._batch_start_hooks:
                 hook(self, module, batch, batch_idx)
+            if vote is not None and micro == 0:
+                vote.send(self.should_stop, self._signal is not None)  # goes out with this step
             micro += 1
             pass_done = self._num_batches is not None and self._batch_in_epoch >= self._num_batches
             boundary = micro == accumulate or pass_done
@@ -626,16 +639,23 @@ class Trainer:
 
     def _check_stop(self) -> None:
         cfg = self.config
-        requested = self.should_stop
-        signalled = self._signal is not None
+        requested, signalled = self.should_stop, self._signal is not None
+        # These follow from counters and reduced metrics, so every rank reaches the same answer alone.
         early = self._early_reason is not None
-        if self.dist.enabled:
-            # Any rank may ask to stop; all ranks must stop at the same step.
-            flags = torch.tensor([int(requested), int(signalled), int(early)], dtype=torch.int32)
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self._control_group)
-            requested, signalled, early = (bool(v) for v in flags.tolist())
-            if early and self._early_reason is None:
-                self._early_reason = "early_stop"
+        at_limit = (cfg.max_steps is not None and self.global_step >= cfg.max_steps) or (
+            cfg.max_epochs is not None and self.current_epoch >= cfg.max_epochs
+        )
+        if self._vote is not None:
+            # A request only one rank saw counts once every rank has heard it: the flags sent as this step
+            # began have arrived by now. Stopping takes one more exchange, so that every request made
+            # up to here is in the shared reason (and a signal on any rank still gets its checkpoint).
+            heard = self._vote.collect()
+            if early or at_limit or (heard is not None and any(heard)):
+                requested, signalled = self._vote.now(requested, signalled)
+                if heard is not None:
+                    requested, signalled = requested or heard[0], signalled or heard[1]
+            else:
+                requested = signalled = False
         if early:
             self.stop_reason = self._early_reason
         elif signalled:
@@ -644,10 +664,10 @@ class Trainer:
                 self._save(regular_name(self.global_step))
         elif requested:
             self.stop_reason = "should_stop"
-        elif cfg.max_steps is not None and self.global_step >= cfg.max_steps:
-            self.stop_reason = "max_steps"
-        elif cfg.max_epochs is not None and self.current_epoch >= cfg.max_epochs:
-            self.stop_reason = "max_epochs"
+        elif at_limit:
+            self.stop_reason = "max_steps" if (
+                cfg.max_steps is not None and self.global_step >= cfg.max_steps
+            ) else "max_epochs"  # fmt: skip
         if requested:
             self.should_stop = True  # under DDP another rank may have asked
 
