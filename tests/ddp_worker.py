@@ -56,34 +56,69 @@ class Recorder(tk.Callback):
     """Remembers the first training batch, the step after every optimizer step, and stops where told."""
 
     def __init__(
-        self,
-        stop_on_rank: int | None = None,
-        stop_at: int | None = None,
-        fail_at: int | None = None,
-        stop_in: str = "on_batch_end",
-        signal_at: int | None = None,
+        self, stop_on_rank: int | None = None, stop_at: int | None = None, fail_at: int | None = None
     ):
         self.first_batch: torch.Tensor | None = None
         self.steps: list[int] = []
         self.stop_on_rank, self.stop_at, self.fail_at = stop_on_rank, stop_at, fail_at
-        self.stop_in, self.signal_at = stop_in, signal_at
-
-    def _maybe_stop(self, trainer, hook: str) -> None:
-        if hook == self.stop_in and trainer.rank == self.stop_on_rank and trainer.global_step == self.stop_at:
-            trainer.should_stop = True
 
     def on_batch_start(self, trainer, module, batch, batch_idx):
         if self.first_batch is None:
             self.first_batch = batch[0].clone()
         if self.fail_at is not None and trainer.rank == 1 and trainer.global_step == self.fail_at:
             raise RuntimeError(f"boom on rank 1 at step {trainer.global_step}")
-        self._maybe_stop(trainer, "on_batch_start")
 
     def on_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.steps.append(trainer.global_step)
-        self._maybe_stop(trainer, "on_batch_end")
-        if trainer.rank == 1 and trainer.global_step == self.signal_at:
-            os.kill(os.getpid(), signal.SIGUSR1)  # as a scheduler's preemption notice to one process
+        if trainer.rank == self.stop_on_rank and trainer.global_step == self.stop_at:
+            trainer.should_stop = True
+
+
+class StartRecorder(tk.Callback):
+    """Records global_step at every on_batch_start and overrides nothing that runs after a step."""
+
+    def __init__(self) -> None:
+        self.first_batch: torch.Tensor | None = None
+        self.steps: list[int] = []
+
+    def on_batch_start(self, trainer, module, batch, batch_idx):
+        if self.first_batch is None:
+            self.first_batch = batch[0].clone()
+        self.steps.append(trainer.global_step)
+
+
+class Asker(TinyClassifier):
+    """On rank 1 only, from training_step when ``global_step == at``: asks to stop, or signals itself as a
+    scheduler's preemption notice to one process would."""
+
+    def __init__(self, at: int, how: str) -> None:
+        super().__init__()
+        self.at, self.how = at, how
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.rank == 1 and self.global_step == self.at:
+            if self.how == "should_stop":
+                self.trainer.should_stop = True
+            else:
+                os.kill(os.getpid(), signal.SIGUSR1)
+        return super().training_step(batch, batch_idx)
+
+
+class CountAllReduce:
+    """Counts torch.distributed.all_reduce calls made from Python (DDP's gradient all-reduce is not one)."""
+
+    def __enter__(self) -> CountAllReduce:
+        self.calls, self._real = 0, dist.all_reduce
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self._real(*args, **kwargs)
+
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        dist.all_reduce = self._real
 
 
 class HandSharded(torch.utils.data.IterableDataset):
@@ -162,11 +197,12 @@ def scenario_main(out: Path, ckpt_1rank: str, tcp_port: int) -> None:
     results["A"]["progress"] = progress.getvalue()
     results["A"]["best_checkpoint"] = result.best_checkpoint
 
-    # B: the user created the group (trainkit must leave it alive); rank 1 alone asks to stop after step 5.
-    # The other rank hears it with the next step's gradients, so both ranks end after step 6.
+    # B: the user created the group (trainkit must leave it alive). Rank 1 alone asks to stop in
+    # on_batch_end after step 5; rank 0 has no hook that runs after a step (ranks may hold different
+    # callbacks), and still both end after step 5.
     dist.init_process_group("gloo")
     module = TinyClassifier()
-    rec = Recorder(stop_on_rank=1, stop_at=5)
+    rec: Any = Recorder(stop_on_rank=1, stop_at=5) if rank == 1 else StartRecorder()
     trainer = tk.Trainer(
         run_mode="step", max_steps=50, distributed=True, callbacks=[rec], checkpoint_dir=None, log_dir=None,
         progress_bar=False,
@@ -175,40 +211,50 @@ def scenario_main(out: Path, ckpt_1rank: str, tcp_port: int) -> None:
     results["B"] = summary(trainer, result, module, rec)
     results["B"]["should_stop"] = trainer.should_stop
 
-    # B2: rank 1 asks as step 5 begins (on_batch_start, global_step 4): the request goes out with that step,
-    # through two accumulation micro-steps (the first under no_sync).
-    rec = Recorder(stop_on_rank=1, stop_at=4, stop_in="on_batch_start")
+    # B2: rank 1 asks from training_step as step 5 runs (global_step 4), through two accumulation micro-steps
+    # (the first under no_sync), and no code runs after a step: the request travels with the step's
+    # gradients: trainkit's own all-reduces are a few votes (setup, loop start, pass end, stop), none per step.
+    module = Asker(at=4, how="should_stop")
+    rec = StartRecorder()
     trainer = tk.Trainer(
         run_mode="step", max_steps=50, accumulate_grad_batches=2, distributed=True, callbacks=[rec],
         checkpoint_dir=None, log_dir=None, progress_bar=False,
     )  # fmt: skip
-    module = TinyClassifier()
-    result = trainer.fit(module, loaders(PER_RANK_BATCH)[0])
+    with CountAllReduce() as counter:
+        result = trainer.fit(module, loaders(PER_RANK_BATCH)[0])
     results["B2"] = summary(trainer, result, module, rec)
+    results["B2"]["all_reduce_calls"] = counter.calls
 
-    # B3: a signal reaches rank 1 alone after step 3: both ranks stop after step 4, and rank 0 saves it.
-    rec = Recorder(signal_at=3)
+    # B3: a signal reaches rank 1 alone, in training_step of step 3: both ranks stop after step 3, and rank
+    # 0 saves it.
+    module = Asker(at=2, how="signal")
+    rec = StartRecorder()
     trainer = tk.Trainer(
         run_mode="step", max_steps=50, distributed=True, callbacks=[rec],
         checkpoint_dir=str(out / "signal" / f"ckpt_rank{rank}"), log_dir=None, progress_bar=False,
     )  # fmt: skip
-    module = TinyClassifier()
     result = trainer.fit(module, loaders(PER_RANK_BATCH)[0])
     results["B3"] = summary(trainer, result, module, rec)
 
     # The vote beside GPU gradients (an all-reduce of its own on a CPU group), checked directly on CPU.
     from trainkit.distributed import GroupVote
 
-    vote = GroupVote(dist.new_group(backend="gloo"))
+    flags = {"now": (False, False)}
+    vote = GroupVote(dist.new_group(backend="gloo"), lambda: flags["now"])
     seen: list[Any] = [vote.collect()]
-    vote.send(rank == 1, False)
+    flags["now"] = (rank == 1, False)
+    vote.send()
     seen.append(vote.collect())
-    vote.send(False, rank == 0)
-    vote.send(True, True)  # a second send before collect is ignored: one exchange per step
+    flags["now"] = (False, rank == 0)
+    vote.send()
+    flags["now"] = (True, True)
+    vote.send()  # a second send before collect is ignored: one exchange per step
     seen.append(vote.collect())
-    seen.append(vote.now(False, False))
-    vote.send(rank == 0, False)
-    seen.append(vote.now(False, rank == 1))  # the pending exchange and this one
+    flags["now"] = (False, False)
+    seen.append(vote.now())
+    flags["now"] = (False, rank == 1)
+    seen.append(vote.now())
+    seen.append(vote.any_rank(rank == 0))
     results["group_vote"] = seen
     dist.destroy_process_group()
 

@@ -237,21 +237,24 @@ def test_one_process_checkpoint_resumes_on_two_ranks(main_run):
 
 @pytest.mark.timeout(300)
 def test_stop_requested_on_rank_one_only_ends_fit_on_both_ranks(main_run):
-    # Asked in on_batch_end after step 5 on rank 1: rank 0 hears it with step 6's gradients.
-    for r in main_run.ranks:
-        b = r["B"]
-        assert (b["global_step"], b["stop_reason"], b["stopped_early"]) == (6, "should_stop", False)
-        assert b["steps"] == [1, 2, 3, 4, 5, 6]
+    # Rank 1 asked in on_batch_end after step 5; rank 0, with no such hook, still stops there.
+    b0, b1 = (r["B"] for r in main_run.ranks)
+    for b in (b0, b1):
+        assert (b["global_step"], b["stop_reason"], b["stopped_early"]) == (5, "should_stop", False)
         assert b["should_stop"] is True  # rank 0 too: it learned of the request
-    assert_equal(main_run.ranks[0]["B"]["params"], main_run.ranks[1]["B"]["params"])
+    assert b0["steps"] == [0, 1, 2, 3, 4]  # on_batch_start
+    assert b1["steps"] == [1, 2, 3, 4, 5]  # on_batch_end
+    assert_equal(b0["params"], b1["params"])
 
 
 @pytest.mark.timeout(300)
-def test_stop_requested_as_a_step_begins_ends_fit_after_that_step(main_run):
+def test_stop_requested_in_training_step_travels_with_the_gradients(main_run):
     for r in main_run.ranks:
         b = r["B2"]
         assert (b["global_step"], b["stop_reason"]) == (5, "should_stop")
-        assert b["steps"] == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5]  # on_batch_end after each of two micro-steps
+        assert b["steps"] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]  # on_batch_start of two micro-steps a step
+        # None per step: setup, loop start, the end of the first pass (step 4: epoch hooks ran), the stop.
+        assert b["all_reduce_calls"] == 4
     assert_equal(main_run.ranks[0]["B2"]["params"], main_run.ranks[1]["B2"]["params"])
 
 
@@ -259,12 +262,18 @@ def test_stop_requested_as_a_step_begins_ends_fit_after_that_step(main_run):
 def test_signal_on_one_rank_stops_both_and_rank_zero_saves_that_step(main_run):
     for r in main_run.ranks:
         b = r["B3"]
-        assert (b["global_step"], b["stop_reason"], b["steps"]) == (4, "signal", [1, 2, 3, 4])
+        assert (b["global_step"], b["stop_reason"], b["steps"]) == (3, "signal", [0, 1, 2])
     assert sorted(os.listdir(main_run.out / "signal")) == ["ckpt_rank0"]
-    assert os.listdir(main_run.out / "signal" / "ckpt_rank0") == ["step_000000004.ckpt"]
-    ckpt = tk.load_checkpoint(main_run.out / "signal" / "ckpt_rank0" / "step_000000004.ckpt")
-    assert ckpt["trainer"]["global_step"] == 4
+    assert os.listdir(main_run.out / "signal" / "ckpt_rank0") == ["step_000000003.ckpt"]
+    ckpt = tk.load_checkpoint(main_run.out / "signal" / "ckpt_rank0" / "step_000000003.ckpt")
+    assert ckpt["trainer"]["global_step"] == 3
     assert_equal(ckpt["model"], main_run.ranks[0]["B3"]["params"])
+
+
+@pytest.mark.timeout(300)
+def test_group_vote_agrees_on_every_ranks_flags(main_run):
+    for r in main_run.ranks:
+        assert r["group_vote"] == [None, (True, False), (False, True), (False, False), (False, True), True]
 
 
 @pytest.mark.timeout(300)
@@ -279,12 +288,6 @@ def test_partial_accumulation_at_the_end_of_an_unsized_pass_is_averaged_over_ran
     assert (g0["global_step"], g0["epoch"], g0["steps"]) == (2, 1, [0, 1, 1])
     assert_equal(g0["params"], g1["params"])
     assert_close(g0["params"], state(module))
-
-
-@pytest.mark.timeout(300)
-def test_group_vote_agrees_on_every_ranks_flags(main_run):
-    for r in main_run.ranks:
-        assert r["group_vote"] == [None, (True, False), (False, True), (False, False), (True, True)]
 
 
 @pytest.mark.timeout(300)

@@ -10,7 +10,7 @@ gradients (``GradientVote``), or beside GPU gradients in an all-reduce that the 
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +140,10 @@ def setup(
     return ctx, device
 
 
-def stop_vote(world_size: int, device: torch.device, module: torch.nn.Module) -> "StopVote | None":
+Flags = Callable[[], "tuple[bool, bool]"]  # this rank's (should_stop, signal received), read when called
+
+
+def stop_vote(world_size: int, device: torch.device, module: torch.nn.Module, flags: Flags) -> "StopVote | None":
     """The vote for this run: none for a single rank (no one to ask); beside CPU gradients on gloo, the
     flags ride with them; beside GPU gradients, they get a CPU group of their own, so that agreeing on them
     never waits for a GPU stream."""
@@ -148,8 +151,8 @@ def stop_vote(world_size: int, device: torch.device, module: torch.nn.Module) ->
         return None
     if dist.get_backend() == "gloo" and device.type == "cpu":
         floating = (p.dtype for p in module.parameters() if p.is_floating_point())
-        return GradientVote(next(floating, torch.float32))  # the model's dtype: the same DDP bucket
-    return GroupVote(dist.new_group(backend="gloo"))
+        return GradientVote(next(floating, torch.float32), flags)  # the model's dtype: the same DDP bucket
+    return GroupVote(dist.new_group(backend="gloo"), flags)
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
@@ -177,49 +180,54 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
 
 class StopVote:
     """Agrees across ranks on the stop requests that only one rank may see: a user's ``should_stop`` and a
-    signal, as they stand when a step begins.
+    signal.
 
-    ``send`` hands this rank's flags over as a step begins and returns at once; ``collect``, after the
-    step, says whether any rank asked (``None`` when nothing was exchanged since). ``now`` agrees on the
-    flags as they stand and waits for the answer: it makes the final decision. Two ways to carry them:
-    ``GradientVote`` beside CPU gradients, ``GroupVote`` beside GPU ones.
+    Each step, this rank's flags as they stand when ``training_step`` returns go out with the step at no
+    cost of their own, and ``collect`` (after the step) says whether any rank had asked by then (``None``
+    when nothing was exchanged since). A request made later in the step (``on_batch_end``, an evaluation
+    or save hook) needs ``now``: one blocking all-reduce of the flags as they stand, which the trainer
+    makes only after steps where such code ran. Two ways to carry the per-step flags: ``GradientVote``
+    beside CPU gradients, ``GroupVote`` beside GPU ones.
     """
 
     group: Any = None
 
-    def send(self, requested: bool, signalled: bool) -> None:
-        raise NotImplementedError
+    def __init__(self, flags: Flags) -> None:
+        self.flags = flags
+
+    def send(self) -> None:
+        """Called once per optimizer step, after the forward of its last micro-step."""
 
     def collect(self) -> tuple[bool, bool] | None:
         raise NotImplementedError
 
-    def now(self, requested: bool, signalled: bool) -> tuple[bool, bool]:
-        earlier = self.collect() or (False, False)
-        flags = torch.tensor([int(requested), int(signalled)], dtype=torch.int32)
-        dist.all_reduce(flags, group=self.group)
-        return earlier[0] or flags[0].item() > 0, earlier[1] or flags[1].item() > 0
+    def now(self) -> tuple[bool, bool]:
+        requested, signalled = self.flags()
+        return self._reduce([requested, signalled])
+
+    def any_rank(self, value: bool) -> bool:
+        return self._reduce([value])[0]
+
+    def _reduce(self, values: list[bool]) -> Any:
+        tensor = torch.tensor([int(v) for v in values], dtype=torch.int32)
+        dist.all_reduce(tensor, group=self.group)
+        return tuple(v > 0 for v in tensor.tolist())
 
 
 class GradientVote(StopVote):
     """The flags travel as the gradient of a two-element parameter that DDP reduces with the model's own
     gradients (in the same bucket when the dtypes match): no message of their own, no Python comm hook.
 
-    ``attach`` adds ``carrier . flags`` to the step's loss. The carrier is zero and never stepped, so the
-    loss keeps its exact value; the gradient that reaches the carrier is the flags (times the positive
-    scale of the loss: accumulation, a GradScaler). DDP averages it over ranks, so any value above zero
-    after the step means that some rank asked.
+    ``attach`` adds ``carrier . flags`` to the loss ``training_step`` returned. The carrier is zero and never
+    stepped, so the loss keeps its exact value; the gradient that reaches the carrier is the flags (times
+    the positive scale of the loss: accumulation, a GradScaler). DDP averages it over ranks, so any value
+    above zero after the step means that some rank asked.
     """
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, flags: Flags) -> None:
+        super().__init__(flags)
         self.carrier = torch.nn.Parameter(torch.zeros(2, dtype=dtype))
         self._values: dict[tuple[bool, bool], torch.Tensor] = {}
-        self._flags = self._value(False, False)
-
-    def _value(self, requested: bool, signalled: bool) -> torch.Tensor:
-        key = (requested, signalled)
-        if key not in self._values:
-            self._values[key] = torch.tensor([float(requested), float(signalled)], dtype=self.carrier.dtype)
-        return self._values[key]
 
     def attach(self, out: Any) -> Any:
         if isinstance(out, torch.Tensor):
@@ -229,11 +237,11 @@ class GradientVote(StopVote):
         return out  # not a loss: the trainer says so
 
     def _carry(self, loss: torch.Tensor) -> torch.Tensor:
-        term = self.carrier.dot(self._flags)
+        key = self.flags()
+        if key not in self._values:
+            self._values[key] = torch.tensor([float(v) for v in key], dtype=self.carrier.dtype)
+        term = self.carrier.dot(self._values[key])
         return loss + (term if term.dtype == loss.dtype else term.to(loss.dtype))
-
-    def send(self, requested: bool, signalled: bool) -> None:
-        self._flags = self._value(requested, signalled)
 
     def collect(self) -> tuple[bool, bool] | None:
         grad, self.carrier.grad = self.carrier.grad, None
@@ -244,23 +252,24 @@ class GradientVote(StopVote):
 
 
 class GroupVote(StopVote):
-    """The flags go in an all-reduce of their own on a CPU (gloo) group, started as the step begins and
-    long arrived by its end, so agreeing never waits for a GPU stream."""
+    """The flags go in an all-reduce of their own on a CPU (gloo) group, started once the step's forward is
+    done and arrived by the end of its backward, so agreeing never waits for a GPU stream."""
 
-    def __init__(self, group: Any) -> None:
+    def __init__(self, group: Any, flags: Flags) -> None:
+        super().__init__(flags)
         self.group = group
         self._pending: Any = None
-        self._flags: torch.Tensor | None = None
+        self._sent: torch.Tensor | None = None
 
-    def send(self, requested: bool, signalled: bool) -> None:
+    def send(self) -> None:
         if self._pending is None:
-            self._flags = torch.tensor([int(requested), int(signalled)], dtype=torch.int32)
-            self._pending = dist.all_reduce(self._flags, group=self.group, async_op=True)
+            self._sent = torch.tensor([int(v) for v in self.flags()], dtype=torch.int32)
+            self._pending = dist.all_reduce(self._sent, group=self.group, async_op=True)
 
     def collect(self) -> tuple[bool, bool] | None:
-        if self._pending is None or self._flags is None:
+        if self._pending is None or self._sent is None:
             return None
         self._pending.wait()
-        requested, signalled = self._flags.tolist()
-        self._pending = self._flags = None
+        requested, signalled = self._sent.tolist()
+        self._pending = self._sent = None
         return requested > 0, signalled > 0

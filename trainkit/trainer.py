@@ -408,7 +408,7 @@ class Trainer:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            self._vote = dist_utils.stop_vote(self.dist.world_size, self.device, module)
+            self._vote = dist_utils.stop_vote(self.dist.world_size, self.device, module, self._local_flags)
             carrier = self._vote if isinstance(self._vote, GradientVote) else None
             self._ddp = DistributedDataParallel(
                 _TrainingStepForward(module, carrier),
@@ -446,14 +446,19 @@ class Trainer:
         participants: list[Any] = [self._module, *self.callbacks]
         self._batch_start_hooks = [p.on_batch_start for p in participants if _overridden(p, "on_batch_start")]
         self._batch_end_hooks = [p.on_batch_end for p in participants if _overridden(p, "on_batch_end")]
+        # Under DDP, a stop requested after a step's gradients went out takes a blocking vote before the
+        # next step. on_batch_end runs there every step; ranks may hold different callbacks, so they agree.
+        self._late_hooks = bool(self._batch_end_hooks)
+        if self._vote is not None:
+            self._late_hooks = self._vote.any_rank(self._late_hooks)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        log.warning(
-            "trainkit: received signal %s; stopping after the current optimizer step%s",
-            signum,
-            " (under DDP: after the next one, once every rank has heard)" if self._vote is not None else "",
-        )
+        log.warning("trainkit: received signal %s; stopping after the current optimizer step", signum)
         self._signal = signum
+
+    def _local_flags(self) -> tuple[bool, bool]:
+        """This rank's stop requests, as the DDP stop vote reads them."""
+        return bool(self.should_stop), self._signal is not None
 
     def _notify_exception(self, module: TaskModule, exc: BaseException) -> None:
         for hook in [module.on_exception] + [cb.on_exception for cb in self.callbacks]:
@@ -528,8 +533,6 @@ class Trainer:
                 batch = move_to_device(batch, self.device)
             for hook in self._batch_start_hooks:
                 hook(self, module, batch, batch_idx)
-            if vote is not None and micro == 0:
-                vote.send(self.should_stop, self._signal is not None)  # goes out with this step
             micro += 1
             pass_done = self._num_batches is not None and self._batch_in_epoch >= self._num_batches
             boundary = micro == accumulate or pass_done
@@ -540,6 +543,8 @@ class Trainer:
                 else:
                     with torch.autocast(self.device.type, dtype=self._autocast_dtype):
                         out = forward(batch, batch_idx)
+                if vote is not None and boundary:
+                    vote.send()  # this rank's stop flags, as training_step left them, go out with the step
                 loss = out if isinstance(out, torch.Tensor) else self._loss_of(out)
                 if accumulate > 1:
                     loss = loss / accumulate
@@ -597,8 +602,7 @@ class Trainer:
         step = self.global_step
         if pass_done:
             self._close_pass()
-        if cfg.run_mode == "step" and step % cfg.eval_interval == 0:
-            self._evaluate_and_decide()
+        evaluated = cfg.run_mode == "step" and step % cfg.eval_interval == 0 and self._evaluate_and_decide()
         if pass_done:
             self._after_pass_eval_and_hooks()
         self._write_best()
@@ -606,9 +610,11 @@ class Trainer:
             self._progress.update()
             if step % cfg.log_every_n_steps == 0:
                 self._log_train(step)
-        if cfg.save_interval is not None and step % cfg.save_interval == 0:
+        saved = cfg.save_interval is not None and step % cfg.save_interval == 0
+        if saved:
             self._save(regular_name(step))
-        self._check_stop()
+        # Only a step after which no user code ran (no hook, evaluation or save) may skip the blocking vote.
+        self._check_stop(late_code=self._late_hooks or pass_done or evaluated or saved)
         if self._profiler is not None:
             self._profiler.step()  # the profiled step spans everything done after this optimizer step too
 
@@ -637,25 +643,26 @@ class Trainer:
             self._evaluate_and_decide()
         self._emit("on_epoch_end")
 
-    def _check_stop(self) -> None:
+    def _check_stop(self, late_code: bool = True) -> None:
+        """Decide whether fit ends here. ``late_code``: user code (a hook, an evaluation, a save) ran after
+        this step's ``training_step``, or this is not a step's end at all."""
         cfg = self.config
-        requested, signalled = self.should_stop, self._signal is not None
+        requested, signalled = self._local_flags()
         # These follow from counters and reduced metrics, so every rank reaches the same answer alone.
         early = self._early_reason is not None
         at_limit = (cfg.max_steps is not None and self.global_step >= cfg.max_steps) or (
             cfg.max_epochs is not None and self.current_epoch >= cfg.max_epochs
         )
         if self._vote is not None:
-            # A request only one rank saw counts once every rank has heard it: the flags sent as this step
-            # began have arrived by now. Stopping takes one more exchange, so that every request made
-            # up to here is in the shared reason (and a signal on any rank still gets its checkpoint).
-            heard = self._vote.collect()
-            if early or at_limit or (heard is not None and any(heard)):
-                requested, signalled = self._vote.now(requested, signalled)
-                if heard is not None:
-                    requested, signalled = requested or heard[0], signalled or heard[1]
+            # What every rank had asked by the end of its training_step came back with this step. A
+            # request made later, and the final reason when stopping anyway, take one blocking vote; all
+            # inputs to this choice are the same on every rank.
+            heard = self._vote.collect() or (False, False)
+            if late_code or early or at_limit or any(heard):
+                agreed = self._vote.now()
+                requested, signalled = heard[0] or agreed[0], heard[1] or agreed[1]
             else:
-                requested = signalled = False
+                requested = signalled = False  # a signal that came after training_step: next step
         if early:
             self.stop_reason = self._early_reason
         elif signalled:
@@ -738,12 +745,13 @@ class Trainer:
         self._emit("on_eval_end", metrics)
         return metrics
 
-    def _evaluate_and_decide(self) -> None:
+    def _evaluate_and_decide(self) -> bool:
+        """Evaluate, then the best check and early stopping; False when there is nothing to evaluate."""
         loaders = [
             (s, ld) for s, ld in (("val", self._val_loader), ("test", self._test_loader)) if ld is not None
         ]
         if not loaders:
-            return
+            return False
         assert self._module is not None
         metrics = self._evaluate(self._module, loaders)
         self.latest_metrics = metrics
@@ -763,6 +771,7 @@ class Trainer:
         # Written once the step's evaluation and epoch-end hooks are done (see _write_best), so the file
         # holds the same state a regular checkpoint of this step would.
         self._best_pending = improved and self.storage is not None
+        return True
 
     def _write_best(self) -> None:
         if self._best_pending:
