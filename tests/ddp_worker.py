@@ -104,6 +104,14 @@ class Asker(TinyClassifier):
         return super().training_step(batch, batch_idx)
 
 
+class WithUnused(Asker):
+    """An Asker with a branch that training_step never touches: DDP needs find_unused_parameters=True."""
+
+    def __init__(self, at: int, how: str) -> None:
+        super().__init__(at, how)
+        self.spare = torch.nn.Linear(2, 2)
+
+
 class CountAllReduce:
     """Counts torch.distributed.all_reduce calls made from Python (DDP's gradient all-reduce is not one)."""
 
@@ -304,6 +312,19 @@ def scenario_main(out: Path, ckpt_1rank: str, tcp_port: int) -> None:
         warnings.simplefilter("ignore")  # "cannot shard it": this stream is sharded by hand
         result = trainer.fit(module, stream_loader(rank, 2, PER_RANK_BATCH))
     results["G"] = summary(trainer, result, module, rec)
+
+    # H: find_unused_parameters=True with a parameter no step uses, and a stop asked from training_step
+    # on rank 1 (it rides with the gradients, beside the unused branch) after step 2.
+    module = WithUnused(at=1, how="should_stop")
+    spare = {k: v.clone() for k, v in module.spare.state_dict().items()}
+    rec = StartRecorder()
+    trainer = tk.Trainer(
+        run_mode="step", max_steps=50, find_unused_parameters=True, distributed=True, callbacks=[rec],
+        checkpoint_dir=None, log_dir=None, progress_bar=False,
+    )  # fmt: skip
+    result = trainer.fit(module, loaders(PER_RANK_BATCH)[0])
+    results["H"] = summary(trainer, result, module, rec)
+    results["H"]["spare_unchanged"] = all(torch.equal(v, module.spare.state_dict()[k]) for k, v in spare.items())
 
     # F: no launcher environment at all, as some launchers leave it: rank=, world_size=, init_method=.
     for name in list(os.environ):  # TORCHELASTIC_USE_AGENT_STORE would send tcp:// to torchrun's store

@@ -291,10 +291,19 @@ def test_partial_accumulation_at_the_end_of_an_unsized_pass_is_averaged_over_ran
 
 
 @pytest.mark.timeout(300)
+def test_find_unused_parameters_with_a_stop_riding_beside_the_unused_branch(main_run):
+    h0, h1 = (r["H"] for r in main_run.ranks)
+    for h in (h0, h1):
+        assert (h["global_step"], h["stop_reason"], h["steps"]) == (2, "should_stop", [0, 1])
+        assert h["spare_unchanged"] is True
+    assert_equal(h0["params"], h1["params"])
+
+
+@pytest.mark.timeout(300)
 def test_process_group_destroyed_only_when_trainkit_created_it(main_run):
     for r in main_run.ranks:
-        alive = [r[k]["group_alive_after_fit"] for k in ("A", "B", "B2", "B3", "C", "D", "E", "F", "G")]
-        assert alive == [False, True, True, True, False, False, False, False, False]
+        alive = [r[k]["group_alive_after_fit"] for k in ("A", "B", "B2", "B3", "C", "D", "E", "F", "G", "H")]
+        assert alive == [False, True, True, True, False, False, False, False, False, False]
 
 
 @pytest.mark.timeout(300)
