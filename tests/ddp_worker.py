@@ -244,8 +244,28 @@ def scenario_main(out: Path, ckpt_1rank: str, tcp_port: int) -> None:
     result = trainer.fit(module, loaders(PER_RANK_BATCH)[0])
     results["B3"] = summary(trainer, result, module, rec)
 
-    # The vote beside GPU gradients (an all-reduce of its own on a CPU group), checked directly on CPU.
+    # B4: the vote trainkit uses beside GPU gradients (GroupVote: an all-reduce of its own on a CPU group,
+    # started after the forward), put in place on CPU: rank 1 asks from training_step of step 3.
+    import trainkit.distributed as tk_dist
     from trainkit.distributed import GroupVote
+
+    real_stop_vote = tk_dist.stop_vote
+    tk_dist.stop_vote = lambda world, device, module, flags: GroupVote(dist.new_group(backend="gloo"), flags)
+    try:
+        module = Asker(at=2, how="should_stop")
+        rec = StartRecorder()
+        trainer = tk.Trainer(
+            run_mode="step", max_steps=50, distributed=True, callbacks=[rec], checkpoint_dir=None,
+            log_dir=None, progress_bar=False,
+        )  # fmt: skip
+        with CountAllReduce() as counter:
+            result = trainer.fit(module, loaders(PER_RANK_BATCH)[0])
+    finally:
+        tk_dist.stop_vote = real_stop_vote
+    results["B4"] = summary(trainer, result, module, rec)
+    results["B4"]["all_reduce_calls"] = counter.calls
+
+    # The same vote, checked directly.
 
     flags = {"now": (False, False)}
     vote = GroupVote(dist.new_group(backend="gloo"), lambda: flags["now"])

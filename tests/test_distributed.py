@@ -271,6 +271,15 @@ def test_signal_on_one_rank_stops_both_and_rank_zero_saves_that_step(main_run):
 
 
 @pytest.mark.timeout(300)
+def test_group_vote_in_the_loop_stops_both_ranks_after_the_asking_step(main_run):
+    for r in main_run.ranks:
+        b = r["B4"]
+        assert (b["global_step"], b["stop_reason"], b["steps"]) == (3, "should_stop", [0, 1, 2])
+        assert b["all_reduce_calls"] == 6  # setup, loop start, one started per step (3), the stop
+    assert_equal(main_run.ranks[0]["B4"]["params"], main_run.ranks[1]["B4"]["params"])
+
+
+@pytest.mark.timeout(300)
 def test_group_vote_agrees_on_every_ranks_flags(main_run):
     for r in main_run.ranks:
         assert r["group_vote"] == [None, (True, False), (False, True), (False, False), (False, True), True]
@@ -302,8 +311,9 @@ def test_find_unused_parameters_with_a_stop_riding_beside_the_unused_branch(main
 @pytest.mark.timeout(300)
 def test_process_group_destroyed_only_when_trainkit_created_it(main_run):
     for r in main_run.ranks:
-        alive = [r[k]["group_alive_after_fit"] for k in ("A", "B", "B2", "B3", "C", "D", "E", "F", "G", "H")]
-        assert alive == [False, True, True, True, False, False, False, False, False, False]
+        keys = ("A", "B", "B2", "B3", "B4", "C", "D", "E", "F", "G", "H")
+        alive = [r[k]["group_alive_after_fit"] for k in keys]
+        assert alive == [False, True, True, True, True, False, False, False, False, False, False]
 
 
 @pytest.mark.timeout(300)

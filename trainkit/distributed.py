@@ -201,6 +201,9 @@ class StopVote:
     def collect(self) -> tuple[bool, bool] | None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the vote holds once fit is done."""
+
     def now(self) -> tuple[bool, bool]:
         requested, signalled = self.flags()
         return self._reduce([requested, signalled])
@@ -265,6 +268,11 @@ class GroupVote(StopVote):
         if self._pending is None:
             self._sent = torch.tensor([int(v) for v in self.flags()], dtype=torch.int32)
             self._pending = dist.all_reduce(self._sent, group=self.group, async_op=True)
+
+    def close(self) -> None:
+        """Destroy the side group (a local operation), so that fits in a long-lived group don't pile them up."""
+        if dist.is_initialized():
+            dist.destroy_process_group(self.group)
 
     def collect(self) -> tuple[bool, bool] | None:
         if self._pending is None or self._sent is None:

@@ -491,6 +491,8 @@ class Trainer:
             self.dist.barrier()  # files rank 0 wrote exist when fit returns on every rank
         # The DDP wrapper must go before its group: a reducer freed after destroy_process_group can hang
         # in its destructor (gloo), e.g. when the garbage collector reaches it during a second fit.
+        if self._vote is not None and not failed:
+            self._vote.close()
         self._ddp = self._vote = None
         self.dist.destroy()
         return errors[0] if errors and not failed else None
