@@ -2,10 +2,11 @@
 
 Every collective here is called by every rank at the same point of the loop. Decisions that could differ
 between ranks (a user's ``should_stop`` on one rank, a signal that reached one process) are put to a
-``StopVote``: each rank's flags go out as a step begins and every rank reads the same answer after it,
-so ranks never disagree about whether to take the next step. The flags travel with the step's own
-gradients (``GradientVote``), or beside GPU gradients in an all-reduce that the step hides
-(``GroupVote``): agreeing costs no round trip of its own.
+``StopVote``: each rank's flags, as they stand when ``training_step`` returns, travel with the step's own
+gradients (``GradientVote``) or, beside GPU gradients, in an all-reduce that the backward hides
+(``GroupVote``), and every rank reads the same answer after the step. Only steps after which user code
+ran (hooks, evaluation, a save) add one small blocking vote, so ranks never disagree about whether to
+take the next step, and most steps pay nothing for it.
 """
 
 import os
