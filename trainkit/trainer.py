@@ -212,17 +212,6 @@ class Trainer:
             if checkpoint_dir is not None
             else None
         )
-        # Public state; reset at each fit.
-        self.global_step = 0
-        self.current_epoch = 0
-        self.history: list[EvalRecord] = []
-        self.should_stop = False
-        self.best_checkpoint_path: str | None = None
-        self.best_metric: float | None = None
-        self.best_step: int | None = None
-        self.best_epoch: int | None = None
-        self.latest_metrics: dict[str, float] = {}
-        self.stop_reason: str | None = None
         self.device = self.config.torch_device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dist = DistContext()
         self.optimizer: torch.optim.Optimizer | None = None
@@ -320,14 +309,17 @@ class Trainer:
                 raise ValueError("ckpt_path='last' needs checkpoint_dir; checkpoint_dir=None was given")
 
     def _reset_state(self) -> None:
+        """The state one fit builds up: public (read by users and hooks), then private."""
         self.global_step = 0
         self.current_epoch = 0
-        self.history = []
+        self.history: list[EvalRecord] = []
         self.should_stop = False
-        self.best_checkpoint_path = None
-        self.best_metric = self.best_step = self.best_epoch = None
-        self.latest_metrics = {}
-        self.stop_reason = None
+        self.best_checkpoint_path: str | None = None
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self.best_epoch: int | None = None
+        self.latest_metrics: dict[str, float] = {}
+        self.stop_reason: str | None = None
         self._batch_in_epoch = 0
         self._iterator: Iterator[Any] | None = None
         self._epoch_start_rng: dict[str, Any] | None = None
