@@ -223,6 +223,20 @@ def tty_stderr() -> Iterator[None]:
 # -- output -----------------------------------------------------------------------------------------------
 
 
+def mlp(sizes: Sequence[int], seed: int) -> Any:
+    """``Linear`` layers of ``sizes`` with a ReLU between each two, built right after
+    ``torch.manual_seed(seed)``: every contender starts from the same weights and draws the same shuffles."""
+    import torch  # here, not at the top: import_time.py times `import torch` itself
+
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+
+
 def fmt_stat(stat: Mapping[str, float] | None, scale: float = 1.0, digits: int = 1) -> str:
     """``median (min-max)`` of a :func:`summarize` dict, each multiplied by ``scale``."""
     if stat is None:

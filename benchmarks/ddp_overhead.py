@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from common import Bench, fmt_ratio, fmt_stat, interleave, print_table, summarize
+from common import Bench, fmt_ratio, fmt_stat, interleave, mlp, print_table, summarize
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -82,13 +82,7 @@ def make_data(wl: Workload) -> TensorDataset:
 
 
 def make_net(wl: Workload) -> torch.nn.Sequential:
-    torch.manual_seed(SEED)
-    layers: list[torch.nn.Module] = []
-    for i, (a, b) in enumerate(zip(wl.sizes[:-1], wl.sizes[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(wl.sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers)
+    return mlp(wl.sizes, SEED)
 
 
 def make_loader(wl: Workload, data: TensorDataset, sampler: bool) -> DataLoader:

@@ -48,7 +48,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import Bench, fmt_ratio, fmt_stat, interleave, package_version, print_table, summarize, tty_stderr
+from common import (
+    Bench,
+    fmt_ratio,
+    fmt_stat,
+    interleave,
+    mlp,
+    package_version,
+    print_table,
+    summarize,
+    tty_stderr,
+)
 from torch.utils.data import DataLoader, TensorDataset
 
 import trainkit as tk
@@ -121,13 +131,7 @@ def make_data(wl: Workload) -> Data:
 
 
 def make_net(wl: Workload) -> torch.nn.Sequential:
-    torch.manual_seed(SEED)  # every contender starts from the same weights and draws the same shuffles
-    layers: list[torch.nn.Module] = []
-    for i, (a, b) in enumerate(zip(wl.sizes[:-1], wl.sizes[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(wl.sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers)
+    return mlp(wl.sizes, SEED)
 
 
 def make_optimizer(wl: Workload, params: Any) -> torch.optim.Optimizer:
