@@ -89,19 +89,22 @@ class StartRecorder(tk.Callback):
 
 class Asker(TinyClassifier):
     """On rank 1 only, from training_step when ``global_step == at``: asks to stop, or signals itself as a
-    scheduler's preemption notice to one process would."""
+    scheduler's preemption notice to one process would (then, or during that step's backward)."""
 
     def __init__(self, at: int, how: str) -> None:
         super().__init__()
         self.at, self.how = at, how
 
     def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
         if self.trainer.rank == 1 and self.global_step == self.at:
             if self.how == "should_stop":
                 self.trainer.should_stop = True
-            else:
+            elif self.how == "signal":
                 os.kill(os.getpid(), signal.SIGUSR1)
-        return super().training_step(batch, batch_idx)
+            else:  # "signal_in_backward": after training_step returned, while the gradients go out
+                loss.register_hook(lambda grad: os.kill(os.getpid(), signal.SIGUSR1) or grad)
+        return loss
 
 
 class WithUnused(Asker):
@@ -243,6 +246,17 @@ def scenario_main(out: Path, ckpt_1rank: str, tcp_port: int) -> None:
     )  # fmt: skip
     result = trainer.fit(module, loaders(PER_RANK_BATCH)[0])
     results["B3"] = summary(trainer, result, module, rec)
+
+    # B5: the signal lands during step 3's backward, after training_step returned, and no code runs after
+    # the step: it is heard with step 4's gradients, and both ranks stop after step 4.
+    module = Asker(at=2, how="signal_in_backward")
+    rec = StartRecorder()
+    trainer = tk.Trainer(
+        run_mode="step", max_steps=50, distributed=True, callbacks=[rec], checkpoint_dir=None, log_dir=None,
+        progress_bar=False,
+    )  # fmt: skip
+    result = trainer.fit(module, loaders(PER_RANK_BATCH)[0])
+    results["B5"] = summary(trainer, result, module, rec)
 
     # B4: the vote trainkit uses beside GPU gradients (GroupVote: an all-reduce of its own on a CPU group,
     # started after the forward), put in place on CPU: rank 1 asks from training_step of step 3.

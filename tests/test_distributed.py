@@ -271,6 +271,13 @@ def test_signal_on_one_rank_stops_both_and_rank_zero_saves_that_step(main_run):
 
 
 @pytest.mark.timeout(300)
+def test_signal_during_the_backward_of_a_hookless_step_is_heard_one_step_later(main_run):
+    for r in main_run.ranks:
+        b = r["B5"]
+        assert (b["global_step"], b["stop_reason"], b["steps"]) == (4, "signal", [0, 1, 2, 3])
+
+
+@pytest.mark.timeout(300)
 def test_group_vote_in_the_loop_stops_both_ranks_after_the_asking_step(main_run):
     for r in main_run.ranks:
         b = r["B4"]
@@ -311,9 +318,9 @@ def test_find_unused_parameters_with_a_stop_riding_beside_the_unused_branch(main
 @pytest.mark.timeout(300)
 def test_process_group_destroyed_only_when_trainkit_created_it(main_run):
     for r in main_run.ranks:
-        keys = ("A", "B", "B2", "B3", "B4", "C", "D", "E", "F", "G", "H")
+        keys = ("A", "B", "B2", "B3", "B4", "B5", "C", "D", "E", "F", "G", "H")
         alive = [r[k]["group_alive_after_fit"] for k in keys]
-        assert alive == [False, True, True, True, True, False, False, False, False, False, False]
+        assert alive == [False, True, True, True, True, True, False, False, False, False, False, False]
 
 
 @pytest.mark.timeout(300)
@@ -378,6 +385,25 @@ def test_distributed_without_a_launcher_is_a_value_error_with_a_launch_hint(monk
     assert "distributed=True" in message and "torchrun --nproc_per_node" in message
     assert "init_method" in message  # the way out for launchers that set no environment
     assert os.listdir(".") == []  # nothing written (the default checkpoint_dir/log_dir are relative)
+
+
+@pytest.mark.timeout(120)
+def test_one_rank_ddp_stops_after_the_current_step_without_any_vote(monkeypatch):
+    class StopAt3(tk.Callback):
+        def on_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                trainer.should_stop = True
+
+    calls = []
+    real = torch.distributed.all_reduce
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: calls.append(1) or real(*a, **k))
+    trainer = tk.Trainer(
+        run_mode="step", max_steps=20, distributed=True, rank=0, world_size=1,
+        init_method=f"tcp://127.0.0.1:{free_port()}", callbacks=[StopAt3()], **quiet(),
+    )  # fmt: skip
+    result = trainer.fit(TinyClassifier(), make_loader())
+    assert (result.global_step, result.stop_reason) == (3, "should_stop")
+    assert calls == []  # a single rank has no one to ask
 
 
 @pytest.mark.timeout(120)  # a wrong process-group init would wait for a rank 1 that never comes
