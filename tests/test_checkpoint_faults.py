@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import subprocess
+import sys
 import time
 import urllib.request
 import warnings
@@ -18,6 +19,7 @@ import fsspec
 import pytest
 import torch
 from helpers import TinyClassifier, make_loader, quiet
+from test_early_stopping import Scripted
 
 import trainkit as tk
 from trainkit.checkpoint import BEST_NAME, CheckpointStorage, find_last, probe_step, regular_name
@@ -174,6 +176,17 @@ def test_each_kind_of_fault_gets_its_own_reason():
     assert "lacks the entries ['optimizers', 'schedulers', 'trainer']" in load_error("partial.ckpt")
 
 
+def test_a_file_saved_without_crc32_loads_and_probes():
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(trainkit_dict(5), "nocrc.ckpt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert {i.CRC for i in zipfile.ZipFile("nocrc.ckpt").infolist()} == {0}
+    assert tk.load_checkpoint("nocrc.ckpt")["trainer"]["global_step"] == 5
+    assert probe_step(CheckpointStorage("."), "nocrc.ckpt") == 5
+
+
 def test_a_legacy_torch_file_still_loads_and_probes():
     torch.save(trainkit_dict(7), "legacy.ckpt", _use_new_zipfile_serialization=False)
     assert torch.equal(tk.load_checkpoint("legacy.ckpt")["model"]["w"], trainkit_dict(7)["model"]["w"])
@@ -322,3 +335,125 @@ def test_check_writable_refuses_a_bucket_that_cannot_be_created(locked_endpoint,
         ValueError, match=r"checkpoint_dir='s3://no-such-bucket/run' is not writable: PermissionError"
     ):
         storage.check_writable()
+
+
+# -- through Trainer.fit -------------------------------------------------------------------------------------
+
+
+class StepsSeen(tk.Callback):
+    """The global step at the start of every batch, and whether fit got as far as on_fit_start."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.started = False
+
+    def on_fit_start(self, trainer, module):
+        self.started = True
+
+    def on_batch_start(self, trainer, module, batch, batch_idx):
+        self.steps.append(trainer.global_step)
+
+
+def fit(checkpoint_dir, max_steps, *, script=(1.0, 0.5, 0.7, 0.9), save_interval=None, ckpt_path=None, **kw):
+    seen = StepsSeen()
+    trainer = tk.Trainer(
+        run_mode="step",
+        max_steps=max_steps,
+        eval_interval=2,
+        save_interval=save_interval,
+        callbacks=[seen],
+        **quiet(checkpoint_dir=checkpoint_dir, **kw),
+    )
+    result = trainer.fit(
+        Scripted({"loss": list(script)}), make_loader(32), make_loader(8), ckpt_path=ckpt_path
+    )
+    return result, seen
+
+
+def test_fit_last_resumes_past_a_zeroed_best_with_a_warning():
+    fit("ckpts", 6, save_interval=6)  # best at step 4 (val_loss 0.5), a regular file at step 6
+    assert sorted(os.listdir("ckpts")) == ["best.ckpt", "step_000000006.ckpt"]
+    assert tk.load_checkpoint("ckpts/best.ckpt")["trainer"]["global_step"] == 4
+    zero("ckpts/best.ckpt")
+    with pytest.warns(RuntimeWarning, match=r"skips a damaged checkpoint: checkpoint '\S*ckpts/best.ckpt'"):
+        result, seen = fit("ckpts", 8, ckpt_path="last")
+    assert seen.steps == [6, 7] and result.global_step == 8
+
+
+def test_fit_last_takes_the_older_file_when_the_newest_is_truncated():
+    fit("ckpts", 6, save_interval=3, script=(1.0, 1.0, 1.0))  # regular files at 3 and 6; best at step 2
+    data = open("ckpts/step_000000006.ckpt", "rb").read()
+    with open("ckpts/step_000000006.ckpt", "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.warns(RuntimeWarning, match="step_000000006.ckpt' is truncated or damaged"):
+        result, seen = fit("ckpts", 5, ckpt_path="last", script=(1.0, 1.0, 1.0))
+    assert seen.steps == [3, 4] and result.global_step == 5
+
+
+def test_fit_last_with_every_candidate_damaged_refuses_to_start_fresh():
+    fit("ckpts", 6, save_interval=3, script=(1.0, 1.0, 1.0))
+    for name in os.listdir("ckpts"):
+        zero(f"ckpts/{name}")
+    with (
+        pytest.warns(RuntimeWarning),
+        pytest.raises(tk.CheckpointError, match="found no complete checkpoint"),
+    ):
+        fit("ckpts", 8, ckpt_path="last")
+
+
+@pytest.mark.parametrize("ckpt_path", [None, "last"])
+@pytest.mark.parametrize("where", ["taken", "taken/ckpts"])
+def test_fit_with_an_unwritable_checkpoint_dir_fails_before_any_step(where, ckpt_path, caplog):
+    with open("taken", "w") as f:
+        f.write("x")
+    seen = StepsSeen()
+    trainer = tk.Trainer(run_mode="step", max_steps=4, callbacks=[seen], **quiet(checkpoint_dir=where))
+    with pytest.raises(ValueError, match=f"checkpoint_dir='{where}' is not writable"):
+        trainer.fit(TinyClassifier(), make_loader(32), ckpt_path=ckpt_path)
+    assert seen.steps == [] and not seen.started
+    assert not any("starting fresh" in r.getMessage() for r in caplog.records)
+    assert open("taken").read() == "x" and sorted(os.listdir(".")) == ["taken"]
+
+
+@pytest.mark.timeout(60)
+def test_fit_on_a_bucket_that_cannot_be_created_fails_before_any_step(locked_endpoint, monkeypatch):
+    pytest.importorskip("s3fs")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    options = {
+        "key": "wrong",
+        "secret": "wrong",
+        "client_kwargs": {"endpoint_url": locked_endpoint, "region_name": "us-east-1"},
+    }
+    seen = StepsSeen()
+    trainer = tk.Trainer(
+        run_mode="step",
+        max_steps=4,
+        callbacks=[seen],
+        **quiet(checkpoint_dir="s3://no-such-bucket/run", storage_options=options),
+    )
+    with pytest.raises(
+        ValueError, match="checkpoint_dir='s3://no-such-bucket/run' is not writable: PermissionError"
+    ):
+        trainer.fit(TinyClassifier(), make_loader(32))
+    assert seen.steps == [] and not seen.started
+
+
+def test_a_writable_checkpoint_dir_leaves_no_probe_behind(memfs):
+    result, _ = fit("memory://run", 4, save_interval=None, script=(1.0, 2.0))
+    assert memfs.ls("/run", detail=False) == ["/run/best.ckpt"]
+
+
+@pytest.mark.timeout(200)
+def test_two_ranks_both_raise_at_start_when_checkpoint_dir_is_a_file(tmp_path):
+    from test_distributed import finish, free_port, start, worker_env
+
+    worker = os.path.join(os.path.dirname(__file__), "storage_worker.py")
+    (tmp_path / "taken").write_text("x")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", worker, str(tmp_path), str(tmp_path / "taken")]  # fmt: skip
+    rc, output = finish(start(cmd, worker_env()), 150)
+    assert rc == 0, output[-3000:]
+    expected = f"ValueError: checkpoint_dir='{tmp_path / 'taken'}' is not writable: NotADirectoryError"
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text().splitlines() for r in (0, 1))
+    assert rank0[0].startswith(expected) and rank0[1] == "steps=[]"
+    assert rank1[0].startswith(expected) and rank1[0].endswith("(found by rank 0)") and rank1[1] == "steps=[]"

@@ -19,6 +19,7 @@ only makes visible when it completes. Other filesystems write a temporary name a
 from __future__ import annotations
 
 import codecs
+import copy
 import io
 import logging
 import os
@@ -388,7 +389,11 @@ def _inspect(f: Any, shown: str) -> Any:
             pkl = next((n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")), None)
             if pkl is None:
                 raise CheckpointError(f"checkpoint {shown!r} is not a torch file (a zip archive with no data.pkl)")
-            record = archive.read(pkl)  # checks the record's CRC
+            info = copy.copy(archive.getinfo(pkl))
+            # CRC 0: written with torch's crc32 option off; there is nothing to check.
+            info.CRC = info.CRC or None  # type: ignore[assignment]
+            with archive.open(info) as stream:
+                record = stream.read()  # checks the record's CRC
         except CheckpointError:
             raise
         except Exception as exc:  # zipfile raises BadZipFile, struct.error, EOFError, ValueError ...
