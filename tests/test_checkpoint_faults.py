@@ -270,7 +270,10 @@ def test_resolving_last_reads_a_few_kib_of_a_large_file(memfs, monkeypatch):
 def test_check_writable_accepts_a_writable_directory_and_leaves_nothing(memfs, tmp_path):
     for url in ("new/ckpts", f"file://{tmp_path}/other", "memory://run"):
         CheckpointStorage(url).check_writable()
-    assert os.listdir("new/ckpts") == [] and os.listdir(tmp_path / "other") == []
+    assert not os.path.exists("new") and not os.path.exists(tmp_path / "other")  # made, then removed again
+    os.makedirs("old/ckpts")
+    CheckpointStorage("old/ckpts").check_writable()
+    assert os.listdir("old/ckpts") == []
     assert memfs.ls("/run", detail=False) == []
 
 

@@ -169,10 +169,16 @@ class CheckpointStorage:
 
     def check_writable(self) -> None:
         """Make the directory and write, then delete, a tiny hidden probe object in it (named like
-        trainkit's temporary files). Raises ValueError naming ``checkpoint_dir`` and the reason when that
-        fails: a path that is an existing file or lies under one, no permission, a bucket that is missing
-        and cannot be created, a store that cannot be reached."""
+        trainkit's temporary files); local directories it had to make are removed again, so the tree is as
+        it was. Raises ValueError naming ``checkpoint_dir`` and the reason when that fails: a path that is
+        an existing file or lies under one, no permission, a bucket that is missing and cannot be created,
+        a store that cannot be reached."""
         probe = self.path(f".write-check.tmp-{uuid.uuid4().hex}")
+        made: list[str] = []  # local directories that do not exist yet, deepest first
+        path = self.root
+        while self.is_local and not os.path.lexists(path) and path != os.path.dirname(path):
+            made.append(path)
+            path = os.path.dirname(path)
         try:
             if self.is_local and os.path.exists(self.root) and not os.path.isdir(self.root):
                 raise NotADirectoryError(f"{self.root!r} is an existing file, not a directory")
@@ -181,6 +187,12 @@ class CheckpointStorage:
             self.fs.rm_file(probe)
         except Exception as exc:
             raise ValueError(f"checkpoint_dir={self.url!r} is not writable: {_first_line(exc)}") from exc
+        finally:
+            for directory in made:
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    break
 
     def write(self, name: str, checkpoint: dict[str, Any]) -> str:
         """Serialise and write ``checkpoint`` under ``name``; nothing appears under that name unless all of
