@@ -20,6 +20,7 @@ import pytest
 import torch
 from helpers import TinyClassifier, make_loader, quiet
 from test_early_stopping import Scripted
+from test_s3 import endpoint, s3  # noqa: F401  (fixtures: a real moto_server and a fresh bucket)
 
 import trainkit as tk
 from trainkit.checkpoint import BEST_NAME, CheckpointStorage, find_last, probe_step, regular_name
@@ -460,3 +461,26 @@ def test_two_ranks_both_raise_at_start_when_checkpoint_dir_is_a_file(tmp_path):
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text().splitlines() for r in (0, 1))
     assert rank0[0].startswith(expected) and rank0[1] == "steps=[]"
     assert rank1[0].startswith(expected) and rank1[0].endswith("(found by rank 0)") and rank1[1] == "steps=[]"
+
+
+@pytest.mark.timeout(120)
+def test_find_last_on_s3_reads_two_ranges_and_skips_a_damaged_best(request, monkeypatch):
+    pytest.importorskip("s3fs")
+    client, bucket, options = request.getfixturevalue("s3")  # test_s3's fixtures: a real moto_server
+    storage = CheckpointStorage(f"s3://{bucket}/run", options)
+    storage.write(regular_name(3), trainkit_dict(3, numel=1_000_000))  # 4 MB of tensor data
+    client.put_object(Bucket=bucket, Key="run/best.ckpt", Body=b"\0" * 1000)
+    reads: list[tuple[int, int]] = []
+    cat_file = storage.fs.cat_file
+
+    def counting(path, start=None, end=None, **kwargs):
+        data = cat_file(path, start=start, end=end, **kwargs)
+        reads.append((start, len(data)))
+        return data
+
+    monkeypatch.setattr(storage.fs, "cat_file", counting)
+    with pytest.warns(RuntimeWarning, match=f"s3://{bucket}/run/best.ckpt' is not a torch file"):
+        assert find_last(storage) == ("step_000000003.ckpt", 3)
+    size = client.head_object(Bucket=bucket, Key="run/step_000000003.ckpt")["ContentLength"]
+    block = 64 * 1024
+    assert reads == [(0, 1000), (0, block), (size - block, block)]  # all of the tiny best, two ranges
