@@ -8,6 +8,7 @@ environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT), so that the test sees each ran
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -244,6 +245,8 @@ def test_sharded_checkpoint_on_s3(run):
     assert_same(tk.load_checkpoint(url, storage_options=options), run.reference, "load_checkpoint on s3")
     weights = tk.load_weights(Net(), url, ema=True, storage_options=options)
     assert_same(weights.state_dict(), run.reference["ema"]["state_dict"], "load_weights on s3")
+    assert cli(["convert", url, "best.ckpt", "--storage-options", json.dumps(options)]) == 0
+    assert_same(torch.load("best.ckpt", weights_only=True), run.reference, "converted from s3")
     storage = CheckpointStorage(run.s3_url, options)
     assert complete_checkpoints(storage) == {name: 2}
     delete_checkpoint_dir(storage, name)
@@ -424,7 +427,7 @@ def test_convert_round_trip(run, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["converted.ckpt"]  # written atomically: no temporary left
     assert_same(torch.load(single, weights_only=True), run.reference, "single file")
     back = tmp_path / "sharded" / "step_000000002"
-    assert cli(["convert", str(single), str(back)]) == 0
+    assert Path.cwd() == tmp_path and cli(["convert", str(single), "sharded/step_000000002"]) == 0  # relative
     assert sorted(os.listdir(back)) == [".metadata", "__0_0.distcp"]
     assert_same(load_full(back), run.reference, "sharded again")
 

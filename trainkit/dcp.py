@@ -184,10 +184,6 @@ def _fsync_dir(directory: str) -> None:
 # -- flattening -------------------------------------------------------------------------------------------
 
 
-def _is_tensor(obj: Any) -> bool:
-    return isinstance(obj, torch.Tensor)
-
-
 def _holds_tensor(obj: Any) -> bool:
     if isinstance(obj, torch.Tensor):
         return True
@@ -352,7 +348,8 @@ def read_metadata(fs: fsspec.AbstractFileSystem, path: str, shown: str | None = 
     if not fs.exists(meta_path):
         if fs.exists(path):
             raise CheckpointError(
-                f"sharded checkpoint {shown!r} is incomplete: it has no {METADATA_NAME} (its save did not finish)"
+                f"sharded checkpoint {shown!r} is incomplete: it has no {METADATA_NAME} (a save that did not "
+                "finish leaves such a directory; or it is not a checkpoint at all)"
             )
         raise CheckpointNotFoundError(f"checkpoint {shown!r} does not exist")
     try:
@@ -546,7 +543,7 @@ def save_dcp(
             dist.broadcast_object_list(token, group=process_group, group_src=0)
         target = storage.path(f".{name}.tmp-{token[0]}")
     else:
-        if rank == 0 and fs.exists(f"{final}/{METADATA_NAME}"):
+        if rank == 0 and is_complete(fs, final):
             fs.rm(f"{final}/{METADATA_NAME}")  # an old complete copy must not count while it is rewritten
         if distributed:
             dist.barrier(group=process_group)
@@ -581,11 +578,11 @@ def save_dcp(
 
 
 def _remove_stale_temporaries(storage: CheckpointStorage, name: str) -> None:
-    prefix = f".{name}.tmp-"
+    """What an earlier save of ``name`` that was killed left behind (hidden, never counted)."""
     if not os.path.isdir(storage.root):
         return
     for entry in os.listdir(storage.root):
-        if entry.startswith(prefix):
+        if entry.startswith((f".{name}.tmp-", f".{name}.trash-")):
             storage.fs.rm(storage.path(entry), recursive=True)
 
 
@@ -779,12 +776,11 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 
 
 def _split_parent(url: str) -> tuple[str, str]:
+    if "://" not in url:
+        head, name = os.path.split(os.path.abspath(url))
+        return head, name
     head, _, name = url.rstrip("/").rpartition("/")
-    if not name:
-        raise ValueError(f"dst={url!r} is not valid; expected a path or URL that ends in a name")
-    if not head:
-        head = "." if "://" not in url else head
-    elif head.endswith(":/"):  # "s3://name" has no parent
+    if not name or head.endswith(":/"):  # "s3://bucket" alone has no parent to write into
         raise ValueError(f"dst={url!r} is not valid; expected a name inside a directory or bucket")
     return head, name
 
