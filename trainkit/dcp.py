@@ -397,17 +397,33 @@ def _check_metadata(md: Any, shown: str) -> None:
 
 
 class _BoundFileSystem(_FsspecFileSystem):
-    """DCP's fsspec filesystem adaptor on an existing fsspec filesystem (with its storage options)."""
+    """DCP's fsspec filesystem adaptor on an existing fsspec filesystem (with its storage options).
 
-    def __init__(self, fs: fsspec.AbstractFileSystem) -> None:
+    ``durable``: each file written is fsynced once closed (DCP's own ``sync_files`` fsyncs before it
+    flushes Python's buffer, so the tail of a file could miss the disk); its directory entry is made
+    durable by the fsync of the directory before the rename that publishes it."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, durable: bool = False) -> None:
         super().__init__()
         self.fs = fs
+        self.durable = durable
 
     def init_path(self, path: str | os.PathLike[str], **kwargs: Any) -> str | os.PathLike[str]:
         return path
 
     def concat_path(self, path: str | os.PathLike[str], suffix: str) -> str:
         return f"{os.fspath(path).rstrip('/')}/{suffix}"
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as stream:
+            yield stream
+        if self.durable and "w" in mode:
+            fd = os.open(os.fspath(path), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 class _SafeReader(FsspecReader):
@@ -430,9 +446,9 @@ class _SafeReader(FsspecReader):
 
 
 class _Writer(FsspecWriter):
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, sync_files: bool) -> None:
-        super().__init__(path, sync_files=sync_files, overwrite=True)
-        self.fs = _BoundFileSystem(fs)  # type: ignore[assignment]
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, durable: bool) -> None:
+        super().__init__(path, sync_files=False, overwrite=True)
+        self.fs = _BoundFileSystem(fs, durable)  # type: ignore[assignment]
         self.path = path
 
 
@@ -549,7 +565,7 @@ def save_dcp(
             dist.barrier(group=process_group)
         target = final
 
-    writer = _Writer(fs, target, sync_files=storage.is_local)
+    writer = _Writer(fs, target, durable=storage.is_local)
     planner = DefaultSavePlanner(
         flatten_state_dict=False, flatten_sharded_tensors=False, dedup_save_to_lowest_rank=True
     )
@@ -587,7 +603,7 @@ def _remove_stale_temporaries(storage: CheckpointStorage, name: str) -> None:
 
 
 def _publish_local(storage: CheckpointStorage, tmp: str, name: str) -> None:
-    _fsync_dir(tmp)  # DCP fsynced the files; this makes their directory entries durable too
+    _fsync_dir(tmp)  # every file was fsynced once closed; this makes their names durable too
     final = storage.path(name)
     old = None
     if os.path.exists(final):
