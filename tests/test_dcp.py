@@ -259,6 +259,10 @@ def test_weights_and_optimizer_state_load_into_another_world_size(run):
     assert_same(report["model"], run.reference["model"], "model")
     assert_same(report["optim"], run.reference["optimizers"][0], "optimizer")
     assert_same(report["shards"]["model"], run.reference["model"], "a world of 1 holds everything")
+    assert report["wrong_shape"] == (
+        f"entry 'model.a.weight' of '{run.ckpt / 'step_000000002'}' has shape (6, 4); the state_dict's "
+        "DTensor has (7, 4)"
+    )
 
 
 # -- SIGKILL in the middle of a sharded save ---------------------------------------------------------------
@@ -369,7 +373,11 @@ def test_a_crafted_entry_runs_no_code(tmp_path):
 
 def test_a_checkpoint_written_by_plain_dcp_reads_as_nested_dicts(tmp_path):
     directory = str(tmp_path / "plain")
-    state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "extra": {"epoch": 3, "names": ["a", "b"]}}
+    state = {
+        "model": {"w": torch.arange(6.0).reshape(2, 3)},
+        "optimizers": [{"state": {"m": torch.ones(2)}}, {"state": {"m": torch.zeros(1)}}],
+        "extra": {"epoch": 3, "names": ["a", "b"]},
+    }
     with pytest.warns(UserWarning):
         stock_dcp.save(state, checkpoint_id=directory, no_dist=True)  # pathlib paths in its metadata
     assert_same(load_full(directory), state, "plain DCP")
