@@ -24,6 +24,17 @@ Safety. DCP's own reader unpickles ``.metadata`` with plain ``pickle`` and its d
 non-tensor entries with ``torch.load(weights_only=False)``: either runs code from the checkpoint. trainkit
 reads ``.metadata`` with an unpickler that admits only DCP's metadata classes and torch's basic types,
 and every entry with ``weights_only=True``; anything else raises :class:`CheckpointError` and runs nothing.
+
+From a trainer (every rank)::
+
+    save_dcp(checkpoint, storage, regular_dir_name(step))          # DTensors: each rank writes its shards
+    # resume: make the optimizer's state exist first (e.g. get_optimizer_state_dict, or DCP's
+    # _init_optim_state), so that its DTensors are there to be filled, then
+    loaded = load_dcp(template, storage, latest_complete(storage))  # template: the pieces' state dicts
+    model.load_state_dict(loaded["model"]); optimizer.load_state_dict(loaded["optimizers"][0]) ...
+
+Values that differ per rank (each rank's RNG state) must go under per-rank keys: a key every rank holds
+is written once, with the lowest rank's value.
 """
 
 from __future__ import annotations
