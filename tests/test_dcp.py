@@ -419,6 +419,16 @@ def test_local_delete_and_replace(tmp_path):
     assert latest_complete(storage) == "step_000000002"  # a tie goes to the regular one
 
 
+def test_saving_a_name_again_on_s3_replaces_it(endpoint):
+    client, bucket = new_bucket(endpoint)
+    storage = CheckpointStorage(f"s3://{bucket}/run", s3_options(endpoint))
+    save_dcp(small_checkpoint(1), storage, "step_000000001")
+    save_dcp(small_checkpoint(2), storage, "step_000000001")
+    assert bucket_keys(client, bucket) == ["run/step_000000001/.metadata", "run/step_000000001/__0_0.distcp"]
+    again = load_full(f"s3://{bucket}/run/step_000000001", s3_options(endpoint))
+    assert_same(again, small_checkpoint(2), "replaced")
+
+
 # -- conversion --------------------------------------------------------------------------------------------
 
 
