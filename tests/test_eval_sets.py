@@ -61,6 +61,7 @@ def fit(val, test=None, **kwargs) -> tuple[tk.Trainer, TinyClassifier]:
 # -- each set is evaluated on its own ------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:no 'val_loss' metric")
 def test_each_named_set_gives_exactly_what_it_gives_alone():
     trainer, module = fit({"id": id_loader(), "ood": ood_loader()}, {"hard": hard_loader()})
     assert [r["step"] for r in trainer.history] == [4, 8, 12]
@@ -106,18 +107,18 @@ def test_a_set_weighs_its_batches_by_size_over_that_set_alone():
             logits = module(x)
         assert got[f"val_{name}_loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
         assert got[f"val_{name}_acc"] == pytest.approx(
-            (logits.argmax(1) == y).double().mean().item(), rel=1e-12
+            (logits.argmax(1) == y).double().mean().item(), rel=1e-6
         )
 
 
-class TestStep(TinyClassifier):
+class ErrTask(TinyClassifier):
     def test_step(self, batch, batch_idx):
         x, y = batch
         return {"err": (self(x).argmax(1) != y).float().mean()}
 
 
 def test_validate_and_test_accept_a_mapping():
-    module = TestStep()
+    module = ErrTask()
     trainer = tk.Trainer(max_steps=1, **quiet())
     both = trainer.validate(module, {"id": id_loader(), "ood": ood_loader()})
     expected = {

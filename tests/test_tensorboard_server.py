@@ -168,3 +168,44 @@ def stop_group(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+@pytest.mark.skipif(not os.path.exists(TENSORBOARD), reason="the tensorboard script is not installed")
+@pytest.mark.timeout(150)
+def test_hparams_tab_of_the_digits_example_has_both_validation_sets_as_columns(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "digits.py"
+    spec = importlib.util.spec_from_file_location("digits_example_tb", path)
+    assert spec is not None and spec.loader is not None
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    digits.main(["--smoke", "--max-steps", "20"])  # evaluations at steps 10 and 20
+    capsys.readouterr()
+    with open(os.path.join("runs", "digits", "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [10, 20]
+    names = list(records[0]["metrics"])
+    assert {"val_clean_loss", "val_noisy_acc", "ema_val_clean_loss", "ema_val_noisy_loss"} <= set(names)
+
+    with serve(os.path.join("runs", "digits")) as (base, proc):
+        deadline = time.monotonic() + 60
+        url = f"{base}/data/plugin/hparams"
+        experiment = poll(
+            lambda: post_json(f"{url}/experiment", {"experimentName": ""}),
+            lambda e: len(e.get("metricInfos", [])) > 0,
+            deadline,
+            proc,
+        )
+        assert [m["name"]["tag"] for m in experiment["metricInfos"]] == names
+        request = {"experimentName": "", "allowedStatuses": ALL_STATUSES, "startIndex": 0, "sliceSize": 10}
+        [group] = poll(
+            lambda: post_json(f"{url}/session_groups", request),
+            lambda g: g.get("totalSize") == 1,
+            deadline,
+            proc,
+        )["sessionGroups"]
+    assert group["hparams"]["max_steps"] == 20 and group["hparams"]["eval_interval"] == 10
+    served = {m["name"]["tag"]: (m["trainingStep"], m["value"]) for m in group["metricValues"]}
+    assert served == {k: (20, float(np.float32(v))) for k, v in records[-1]["metrics"].items()}

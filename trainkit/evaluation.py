@@ -87,7 +87,10 @@ def loader_sets(param: str, value: Any) -> list[tuple[str, Any]]:
         return []
     if not isinstance(value, Mapping):
         if not isinstance(value, Iterable):
-            raise TypeError(f"{param}={value!r} is not valid; expected an iterable of batches (a DataLoader)")
+            raise TypeError(
+                f"{param}={value!r} is not valid; expected an iterable of batches (a DataLoader), or a mapping "
+                "of set names to them"
+            )
         return [("", value)]
     if not value:
         raise ValueError(

@@ -102,11 +102,11 @@ class RunLogger:
         if self._writer is not None:
             self._writer.flush()
 
-    def close(self, trained: bool = False) -> None:
-        """Flush and close the event file. ``trained``: the fit took at least one step, so a run that never
-        evaluated still records its settings (hparams without metric columns). A fit that failed before
-        anything was written leaves no file behind."""
-        if self.log_dir is not None and not self._hparams_written and (trained or self._writer is not None):
+    def close(self, finished: bool = False) -> None:
+        """Flush and close the event file (the writer object stays: see :attr:`writer`). A run that never
+        evaluated records its settings here (hparams without metric columns) when it ``finished`` or
+        already has an event file; a fit that failed before writing anything leaves no file behind."""
+        if self.log_dir is not None and not self._hparams_written and (finished or self._writer is not None):
             self.write_hparams()
         if self._writer is not None:
             self._writer.close()
