@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import trainkit as tk
 
 STEPS = dict(run_mode="step", max_steps=12, eval_interval=4)
+# A mapping has no plain val_loss, so the default monitor warns (once per fit); that is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:no 'val_loss' metric")
 
 
 def id_loader() -> DataLoader:
@@ -61,7 +63,6 @@ def fit(val, test=None, **kwargs) -> tuple[tk.Trainer, TinyClassifier]:
 # -- each set is evaluated on its own ------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:no 'val_loss' metric")
 def test_each_named_set_gives_exactly_what_it_gives_alone():
     trainer, module = fit({"id": id_loader(), "ood": ood_loader()}, {"hard": hard_loader()})
     assert [r["step"] for r in trainer.history] == [4, 8, 12]
