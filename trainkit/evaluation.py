@@ -112,9 +112,18 @@ def loader_sets(param: str, value: Any) -> list[tuple[str, Any]]:
     return sets
 
 
-def metric_prefix(stage: str, set_name: str = "", ema: bool = False) -> str:
-    """The prefix of one evaluation's metric names: ``val_``, ``test_``, ``val_<set>_``, ``ema_val_<set>_`` …"""
-    return f"{'ema_' if ema else ''}{stage}_{set_name + '_' if set_name else ''}"
+def metric_prefix(stage: str, set_name: str = "", model_prefix: str = "") -> str:
+    """The prefix of one evaluation's metric names: ``val_``, ``test_``, ``val_<set>_``, ``ema_val_<set>_`` …
+    (``model_prefix`` is ``""`` for the base model, ``"ema_"`` for the EMA)."""
+    return f"{model_prefix}{stage}_{set_name + '_' if set_name else ''}"
+
+
+def map_loaders(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` applied to one loader, or to every loader of a mapping of named sets (a new dict, same order):
+    e.g. each rank's shard of every evaluation set under DDP."""
+    if isinstance(value, Mapping):
+        return {name: fn(loader) for name, loader in value.items()}
+    return fn(value)
 
 
 def merge_set_metrics(into: dict[str, float], metrics: Mapping[str, float], where: str) -> None:
