@@ -1,8 +1,8 @@
 """Evaluations during fit and the decisions taken on them: history, best model, early stop, plateau.
 
 At an evaluation (see the Trainer's loop): the validation set(s), and the test set(s) when given, for the
-base model and, with EMA, for the EMA model; then ``ReduceLROnPlateau`` schedulers, then the best-model check,
-then early stopping. The arithmetic of "improved" lives in :mod:`trainkit.early_stopping`; this module is
+base model and, with EMA, for the EMA model; then ``ReduceLROnPlateau`` schedulers, then the best-model
+check, then early stopping. The arithmetic of "improved" lives in :mod:`trainkit.early_stopping`; this module is
 the glue that feeds it and remembers the outcome (``state_dict``: the deciding half of the checkpoint's
 ``"trainer"`` entry). One pass over one loader is :func:`trainkit.evaluation.run_eval_loop`.
 """

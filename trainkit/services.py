@@ -21,8 +21,8 @@ from .profiling import StepProfiler
 
 log = logging.getLogger("trainkit")
 
-SUMMARY_WRITER_DOC = """The ``torch.utils.tensorboard.SummaryWriter`` trainkit logs to: add images, histograms, text ... to
-the same run (the same event file) as trainkit's scalars. Rank 0 only, from the start of fit
+SUMMARY_WRITER_DOC = """The ``torch.utils.tensorboard.SummaryWriter`` trainkit logs to: add images, histograms,
+text ... to the same run (the same event file) as trainkit's scalars. Rank 0 only, from the start of fit
 (``on_fit_start``) and after it; None on other ranks, without ``log_dir`` and before the first fit. It is
 created on first use; fit closes it at its end, and its next ``add_*`` after fit opens a new event file in
 the same directory (flush or close it yourself then). Each fit has its own writer."""

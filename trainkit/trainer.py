@@ -168,11 +168,11 @@ class Trainer:
                                       self.stop_reason or "max_steps")
 
     def validate(self, module: TaskModule, loader: Iterable[Any]) -> dict[str, float]:
-        """Evaluate ``module`` (and its EMA, if held) on a loader or a mapping of named sets, with validation_step."""
+        """``validation_step`` over a loader, or a mapping of named sets, for ``module`` (and its EMA)."""
         return self._standalone_eval(module, loader, "val")
 
     def test(self, module: TaskModule, loader: Iterable[Any]) -> dict[str, float]:
-        """Evaluate ``module`` (and its EMA, if held) on a loader or a mapping of named sets, with ``test_step``."""
+        """``test_step`` over a loader, or a mapping of named sets, for ``module`` (and its EMA)."""
         return self._standalone_eval(module, loader, "test")
 
     # -- setup and teardown ------------------------------------------------------------------------------
