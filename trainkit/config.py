@@ -234,15 +234,17 @@ def check_fit_args(module: Any, train: Any, val: Any, test: Any, ckpt_path: Any,
     """The live arguments of ``Trainer.fit``, checked before anything runs or is written."""
     from collections.abc import Iterable
 
+    from .evaluation import loader_sets
     from .module import TaskModule  # here: the module imports the callbacks, which need no config
 
     if not isinstance(module, TaskModule):
         raise TypeError(f"module={type(module).__name__} is not valid; expected a trainkit.TaskModule")
-    for name, loader in (("train_loader", train), ("val_loader", val), ("test_loader", test)):
-        if (loader is not None or name == "train_loader") and not isinstance(loader, Iterable):
-            raise TypeError(f"{name}={loader!r} is not valid; expected an iterable of batches (a DataLoader)")
+    if not isinstance(train, Iterable):
+        raise TypeError(f"train_loader={train!r} is not valid; expected an iterable of batches (a DataLoader)")
+    loader_sets("val_loader", val)  # a loader, or a mapping of named sets: checked here, before any step
+    loader_sets("test_loader", test)
     try:
-        length = len(train)
+        length = len(train)  # type: ignore[arg-type]
     except TypeError:
         length = None
     if length == 0:
@@ -255,12 +257,14 @@ def check_fit_args(module: Any, train: Any, val: Any, test: Any, ckpt_path: Any,
 
 
 def check_eval_args(module: Any, loader: Any) -> None:
-    """The live arguments of ``Trainer.validate``/``test``."""
-    from collections.abc import Iterable
-
+    """The live arguments of ``Trainer.validate``/``test``: ``loader`` is a loader or a mapping of named sets."""
+    from .evaluation import loader_sets
     from .module import TaskModule
 
     if not isinstance(module, TaskModule):
         raise TypeError(f"module={type(module).__name__} is not valid; expected a trainkit.TaskModule")
-    if not isinstance(loader, Iterable):
-        raise TypeError(f"loader={loader!r} is not valid; expected an iterable of batches")
+    if loader is None:
+        raise TypeError(
+            "loader=None is not valid; expected an iterable of batches or a mapping of set names to them"
+        )
+    loader_sets("loader", loader)

@@ -21,6 +21,12 @@ from .profiling import StepProfiler
 
 log = logging.getLogger("trainkit")
 
+SUMMARY_WRITER_DOC = """The ``torch.utils.tensorboard.SummaryWriter`` trainkit logs to: add images, histograms,
+text ... to the same run (the same event file) as trainkit's scalars. Rank 0 only, from the start of fit
+(``on_fit_start``) and after it; None on other ranks, without ``log_dir`` and before the first fit. It is
+created on first use; fit closes it at its end, and its next ``add_*`` after fit opens a new event file in
+the same directory (flush or close it yourself then). Each fit has its own writer."""
+
 
 class FitServices:
     """Logger, progress, profiler and signal handlers for one fit. Until :meth:`start` every part is a
@@ -38,8 +44,7 @@ class FitServices:
         self.logger = RunLogger(
             os.fspath(cfg.log_dir) if (cfg.log_dir is not None and is_main) else None, cfg.hparams()
         )
-        if self.logger.log_dir is not None:
-            _ = self.logger.writer  # event file and hparams at fit start
+        # No event file yet: the logger creates it at its first write, or when a user asks for the writer.
         total = cfg.max_steps
         if total is None and num_batches is not None and cfg.max_epochs is not None:
             total = cfg.max_epochs * math.ceil(num_batches / cfg.accumulate_grad_batches)
@@ -52,6 +57,10 @@ class FitServices:
             for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
                 if sig is not None:
                     self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    @property
+    def summary_writer(self) -> Any:
+        return self.logger.summary_writer
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.warning("trainkit: received signal %s; stopping after the current optimizer step", signum)
@@ -86,8 +95,10 @@ class FitServices:
                     log.info("trainkit profiler summary:\n%s", summary)
             self.profiler = None
 
-    def close(self) -> None:
-        """Close the progress display and the logger's files."""
-        for closeable in (self.progress, self.logger):
-            with contextlib.suppress(Exception):
-                closeable.close()
+    def close(self, finished: bool = False) -> None:
+        """Close the progress display and the logger's files (``finished``: fit did not fail, so a run that
+        never evaluated still records its settings)."""
+        with contextlib.suppress(Exception):
+            self.progress.close()
+        with contextlib.suppress(Exception):
+            self.logger.close(finished=finished)

@@ -45,7 +45,7 @@ from .loop_state import END, LoopState
 from .module import TaskModule, training_loss
 from .optim import parse_optimizers
 from .parallel import SingleProcess, eval_share, make_parallel
-from .services import FitServices
+from .services import SUMMARY_WRITER_DOC, FitServices
 
 __all__ = ["Trainer", "FitResult", "EvalRecord", "MetricNotFoundError"]  # the last three live in evaluator
 
@@ -126,6 +126,7 @@ class Trainer:
     best_step = property(lambda self: self._evaluator.best_step)
     best_epoch = property(lambda self: self._evaluator.best_epoch)
     best_checkpoint_path = property(lambda self: self._checkpointer.best_path, doc="Location of best.ckpt.")
+    summary_writer = property(lambda self: self._services.summary_writer, doc=SUMMARY_WRITER_DOC)
 
     # -- fit ---------------------------------------------------------------------------------------------
 
@@ -167,11 +168,11 @@ class Trainer:
                                       self.stop_reason or "max_steps")
 
     def validate(self, module: TaskModule, loader: Iterable[Any]) -> dict[str, float]:
-        """Evaluate ``module`` (and its EMA, when this trainer holds one) with ``validation_step``."""
+        """``validation_step`` over a loader, or a mapping of named sets, for ``module`` (and its EMA)."""
         return self._standalone_eval(module, loader, "val")
 
     def test(self, module: TaskModule, loader: Iterable[Any]) -> dict[str, float]:
-        """Evaluate ``module`` (and its EMA, when this trainer holds one) with ``test_step``."""
+        """``test_step`` over a loader, or a mapping of named sets, for ``module`` (and its EMA)."""
         return self._standalone_eval(module, loader, "test")
 
     # -- setup and teardown ------------------------------------------------------------------------------
@@ -238,7 +239,7 @@ class Trainer:
         self._loop_state.iterator = None  # lets a multi-worker loader shut its workers down now
         self._services.stop_listening()
         error = self._checkpointer.close()  # waits for an asynchronous write in flight
-        self._services.close()
+        self._services.close(finished=not failed)
         self._parallel.close(clean=not failed and error is None, failed=failed)
         return None if failed else error
 
