@@ -413,6 +413,50 @@ def test_a_loader_that_yields_fewer_batches_than_len_takes_no_phantom_step():
     assert steps == [1, 2, 3, 4, 5, 6] and len(task.seen) == 6
 
 
+# -- the pieces in trainkit.data --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hint", [None, 0, 2, 3, 4, 9])
+def test_pass_iterator_yields_what_the_iterator_yields_whatever_the_hint(hint):
+    from trainkit.data import END_OF_PASS, PassIterator
+
+    passes = PassIterator(iter("abc"), hint)
+    got, fetched_early = [], []
+    while (batch := passes.next_batch()) is not END_OF_PASS:
+        got.append(batch)
+        if passes.expects_end():
+            ended = passes.ended()
+            fetched_early.append((passes.taken, ended, passes.pending))
+            if ended:
+                break
+    assert got == ["a", "b", "c"] and passes.taken == 3
+    # ahead of time only from the batch the hint calls last on; the real end is found either way
+    first = None if hint is None or hint > 3 else max(hint, 1)
+    expected = [] if first is None else [(t, t == 3, t < 3) for t in range(first, 4)]
+    assert fetched_early == expected
+
+
+def test_exact_length_trusts_only_torchs_own_samplers():
+    from trainkit.data import exact_length, len_hint
+
+    assert exact_length(_loader("map_shuffle")) == len_hint(_loader("map_shuffle")) == 3
+    for name in ("map_sampler_short", "map_batch_sampler_short", "iter_w0", "iter_nolen_w2"):
+        assert exact_length(_loader(name)) is None, name
+    assert len_hint(_loader("iter_nolen_w2")) is None and len_hint(_loader("map_sampler_zero")) == 0
+    assert exact_length([1, 2]) == 2 and exact_length(iter([1, 2])) is None
+
+
+@pytest.mark.parametrize("name", ["map_shuffle", "map_sampler_short", "map_batch_sampler_short", "iter_w2"])
+@pytest.mark.parametrize("skip", [0, 2, 3, 4, 7])
+def test_open_pass_skips_without_trusting_len(name, skip):
+    from trainkit.data import open_pass
+
+    torch.manual_seed(0)
+    full = [b[2].tolist() for b in _loader(name)]
+    torch.manual_seed(0)
+    assert [b[2].tolist() for b in open_pass(_loader(name), skip)] == full[skip:]
+
+
 # -- resume in the middle of a pass, in those set-ups ----------------------------------------------------
 
 
