@@ -697,3 +697,27 @@ def test_numbers_bools_and_one_element_tensors_are_valid_metrics():
 
     metrics = tk.Trainer(max_steps=1, **cpu()).validate(Fine(), make_loader(8, 4))
     assert metrics == {"val_a": 1.0, "val_b": 0.5, "val_c": 1.0, "val_d": 2.0, "val_e": 1.0}
+
+
+@pytest.mark.timeout(180)
+def test_the_skipped_steps_benchmark_runs_in_smoke_mode(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "skipped_steps.py"
+    out = tmp_path / "skipped_steps.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["optimizer"] for r in rows] == ["AdamW for-each", "AdamW fused"]
+    assert all(
+        set(r["ratio_to_attempts"])
+        == {"attempts", "attempts+count", "real steps (sync)", "real steps (hook)"}
+        for r in rows
+    )
