@@ -134,6 +134,26 @@ def test_resuming_from_a_checkpoint_before_the_early_stop_trains_to_it_again(tmp
     assert (result.global_step, result.stop_reason) == (8, "early_stop")
 
 
+def test_resuming_an_early_stopped_run_with_more_patience_or_none_trains_on(tmp_path):
+    """The stop is decided again under the resumed run's settings (as a larger max_steps trains on)."""
+    run = tmp_path / "run"
+    scripted_fit(run, ISSUE_VALUES)
+
+    task = ScriptedVal(ISSUE_VALUES)
+    trainer = tk.Trainer(
+        run_mode="step", eval_interval=2, save_interval=4, max_steps=12,
+        early_stop={"target": "val_loss", "patience": 3}, **cpu(checkpoint_dir=os.fspath(run)),
+    )  # fmt: skip
+    result = trainer.fit(task, make_loader(64, 8), make_loader(8, 8), ckpt_path="last")
+    assert task.trained_at == [8, 9, 10, 11]  # the 0.5 at step 10 is an improvement: no stop
+    assert (result.global_step, result.stop_reason, result.best_step) == (12, "max_steps", 12)
+
+    task = ScriptedVal(ISSUE_VALUES)
+    trainer = tk.Trainer(run_mode="step", eval_interval=2, max_steps=10, **cpu(checkpoint_dir=os.fspath(run)))
+    result = trainer.fit(task, make_loader(64, 8), make_loader(8, 8), ckpt_path=run / "step_000000008.ckpt")
+    assert task.trained_at == [8, 9] and result.stop_reason == "max_steps"
+
+
 def test_resuming_after_should_stop_continues_like_a_straight_run(tmp_path):
     run = tmp_path / "run"
     values = {s: 10.0 - s / 2 for s in range(2, 17, 2)}  # always improving: no early stop
