@@ -241,11 +241,9 @@ def check_fit_args(module: Any, train: Any, val: Any, test: Any, ckpt_path: Any,
     for name, loader in (("train_loader", train), ("val_loader", val), ("test_loader", test)):
         if (loader is not None or name == "train_loader") and not isinstance(loader, Iterable):
             raise TypeError(f"{name}={loader!r} is not valid; expected an iterable of batches (a DataLoader)")
-    try:
-        length = len(train)
-    except TypeError:
-        length = None
-    if length == 0:
+    from .data import exact_length  # len() is only a hint: believed here only where torch guarantees it
+
+    if exact_length(train) == 0:
         raise ValueError("train_loader=<empty> is not valid; expected a loader that yields at least one batch")
     if ckpt_path is not None:
         if not isinstance(ckpt_path, (str, os.PathLike)) or not os.fspath(ckpt_path):
