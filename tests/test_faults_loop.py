@@ -295,8 +295,8 @@ def test_the_set_ups_are_what_their_names_say():
 class Recorder(TinyClassifier):
     """Records the sample indices of every training batch; dropout draws from the global RNG."""
 
-    def __init__(self) -> None:
-        super().__init__(lr=0.1, dropout=0.2)
+    def __init__(self, dropout: float = 0.2) -> None:
+        super().__init__(lr=0.1, dropout=dropout)
         self.seen: list[list[int]] = []
 
     def training_step(self, batch, batch_idx):
@@ -519,6 +519,95 @@ def test_resume_mid_pass_continues_exactly_where_the_for_loop_was(tmp_path, name
     resumed = _fit_steps(name, accumulate, total, tmp_path / "second", ckpt_path=ckpt)
     assert first.seen + resumed.seen == straight.seen
     assert_params_equal(resumed, straight)
+
+
+# -- under DDP: two gloo ranks, each with a loader whose len() is wrong --------------------------------------
+
+
+class RankStream(IterableDataset):
+    """Rank ``rank``'s half of 20 samples (every other one), split in contiguous halves between 2 workers:
+    batches of 4, 4, 1, 1 a pass; ``__len__`` says ``claimed``."""
+
+    def __init__(self, rank: int, claimed: int) -> None:
+        x, y = make_data(20).tensors
+        self.indices = list(range(rank, 20, 2))
+        self.x, self.y, self.claimed = x, y, claimed
+
+    def __len__(self) -> int:
+        return self.claimed
+
+    def __iter__(self):
+        info = get_worker_info()
+        half = self.indices[:5] if info is None or info.id == 0 else self.indices[5:]
+        for i in half:
+            yield self.x[i], self.y[i], i
+
+
+# (claimed len of the dataset, accumulate_grad_batches). short_acc3: len() is 2, so the second micro-step
+# of the first group syncs its gradients and asks the iterator early, yet no step follows it.
+DDP_CASES = {"short_acc3": (8, 3), "short_acc1": (10, 1), "long_acc3": (40, 3)}
+
+
+def _ddp_rank(rank: int, port: int, out: str) -> None:
+    import warnings
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    results = {}
+    for name, (claimed, accumulate) in DDP_CASES.items():
+        task = Recorder(dropout=0.0)
+        trainer = tk.Trainer(max_epochs=2, accumulate_grad_batches=accumulate, distributed=True, **cpu())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "cannot shard an iterable dataset": each rank reads its own
+            # fork: a process started by spawn would otherwise start its loader workers by spawn (seconds each)
+            loader = DataLoader(
+                RankStream(rank, claimed), batch_size=4, num_workers=2, multiprocessing_context="fork"
+            )
+            result = trainer.fit(task, loader)
+        params = [p.detach().clone() for p in task.parameters()]
+        results[name] = {
+            "params": params,
+            "seen": task.seen,
+            "step": result.global_step,
+            "epoch": result.epoch,
+        }
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_ddp_with_a_wrong_len_trains_what_each_ranks_for_loop_yields(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_rank, args=(port, os.fspath(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for name, (claimed, accumulate) in DDP_CASES.items():
+        r0, r1 = ranks[0][name], ranks[1][name]
+        # Each rank trained exactly what its own for loop yields, 4 batches a pass.
+        for rank, r in enumerate(ranks):
+            expected = [
+                b[2].tolist() for b in DataLoader(RankStream(rank, claimed), batch_size=4, num_workers=2)
+            ]
+            assert r[name]["seen"] == expected * 2, name
+        steps = 2 * (2 if accumulate == 3 else 4)
+        assert (r0["step"], r0["epoch"], r1["step"], r1["epoch"]) == (steps, 2, steps, 2), name
+        assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"])), name
+        # One process on the union of both ranks' batches (equal sizes: the mean of the two means).
+        reference = Recorder(dropout=0.0)
+        union = [
+            (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]), torch.cat([a[2], b[2]]))
+            for a, b in zip(
+                *(DataLoader(RankStream(r, claimed), batch_size=4, num_workers=2) for r in (0, 1))
+            )
+        ]
+        for_loop(reference, union, accumulate, max_epochs=2)
+        for a, b in zip(r0["params"], reference.parameters()):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
 
 
 # == 3. steps skipped by the GradScaler ==================================================================
