@@ -234,6 +234,7 @@ def check_fit_args(module: Any, train: Any, val: Any, test: Any, ckpt_path: Any,
     """The live arguments of ``Trainer.fit``, checked before anything runs or is written."""
     from collections.abc import Iterable
 
+    from .data import exact_length
     from .evaluation import loader_sets
     from .module import TaskModule  # here: the module imports the callbacks, which need no config
 
@@ -243,11 +244,7 @@ def check_fit_args(module: Any, train: Any, val: Any, test: Any, ckpt_path: Any,
         raise TypeError(f"train_loader={train!r} is not valid; expected an iterable of batches (a DataLoader)")
     loader_sets("val_loader", val)  # a loader, or a mapping of named sets: checked here, before any step
     loader_sets("test_loader", test)
-    try:
-        length = len(train)  # type: ignore[arg-type]
-    except TypeError:
-        length = None
-    if length == 0:
+    if exact_length(train) == 0:  # len() is only a hint: believed here only where torch guarantees it
         raise ValueError("train_loader=<empty> is not valid; expected a loader that yields at least one batch")
     if ckpt_path is not None:
         if not isinstance(ckpt_path, (str, os.PathLike)) or not os.fspath(ckpt_path):

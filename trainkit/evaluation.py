@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
@@ -46,15 +48,7 @@ def run_eval_loop(
                     "tensor or number"
                 )
             for name, value in out.items():
-                if isinstance(value, torch.Tensor):
-                    if value.numel() != 1:
-                        raise ValueError(
-                            f"{step_name} metric {name!r} has shape {tuple(value.shape)}; expected a scalar"
-                        )
-                    contribution = value.detach().reshape(()).to(torch.float64) * weight
-                else:
-                    contribution = torch.tensor(float(value) * weight, dtype=torch.float64)
-                contribution = contribution.to(device)
+                contribution = (_scalar(value, step_name, name) * weight).to(device)
                 if name in sums:
                     sums[name] += contribution
                     counts[name] += weight
@@ -136,3 +130,27 @@ def merge_set_metrics(into: dict[str, float], metrics: Mapping[str, float], wher
             "set in val_loader/test_loader so that val_<set>_<metric> names stay distinct"
         )
     into.update(metrics)
+
+
+_ALLOWED = "expected a scalar tensor (one element, real) or a real number"
+
+
+def _scalar(value: Any, step_name: str, name: Any) -> torch.Tensor:
+    """One metric value as a float64 0-d tensor, on the device it came from. Anything else is a TypeError or
+    ValueError naming the method, the key, the type or shape, and what is allowed. Reads only metadata
+    (type, shape, dtype): no host sync."""
+    if not isinstance(name, str):
+        raise TypeError(
+            f"{step_name} returned a metric keyed {name!r} ({type(name).__name__}); metric names must be str"
+        )
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{step_name} metric {name!r} has shape {tuple(value.shape)}; {_ALLOWED}")
+        if value.is_complex():
+            raise TypeError(f"{step_name} metric {name!r} has dtype {value.dtype} (complex); {_ALLOWED}")
+        return value.detach().reshape(()).to(torch.float64)
+    if isinstance(value, numbers.Real):  # int, float, bool, numpy scalars
+        return torch.tensor(float(value), dtype=torch.float64)
+    raise TypeError(
+        f"{step_name} metric {name!r} is {type(value).__name__} {reprlib.repr(value)}; {_ALLOWED}"
+    )

@@ -231,6 +231,8 @@ class Evaluator:
         self._best.load_state_dict(best["tracker"])
         if self.stopper is not None and state["early_stop"] is not None:
             self.stopper.load_state_dict(state["early_stop"])
+            # A run that ended for early stopping (under this run's rule) resumes to no step at all.
+            self.early_reason = self.stopper.reason if self.stopper.stopped else None
 
 
 def _len_or_none(loader: Any) -> int | None:

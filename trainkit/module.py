@@ -93,12 +93,44 @@ class TaskModule(torch.nn.Module, Callback):
         """Read back what :meth:`on_save_checkpoint` added."""
 
 
+_LOSS_ALLOWED = "expected a floating-point scalar tensor (one element) that requires grad"
+
+
 def training_loss(out: Any) -> torch.Tensor:
-    """The loss in what ``training_step`` returned as a mapping; TypeError naming what came instead."""
-    if isinstance(out, Mapping) and isinstance(out.get("loss"), torch.Tensor):
-        return out["loss"]
-    raise TypeError(
-        f"training_step returned {type(out).__name__}"
-        + (f" with keys {sorted(out)}" if isinstance(out, Mapping) else "")
-        + "; expected a loss tensor or a mapping with a 'loss' tensor"
-    )
+    """The loss in what ``training_step`` returned: the tensor itself, or the mapping's ``"loss"`` entry.
+
+    Anything else is trainkit's own error naming ``training_step``, the key, the type or shape, and what is
+    allowed: a ``TypeError`` for a value that is no tensor, a ``ValueError`` for a tensor that cannot be a
+    loss (several elements, an integer or complex dtype, no grad). Reads metadata only: no host sync.
+    """
+    if isinstance(out, torch.Tensor):
+        loss, what = out, "a loss"
+    elif isinstance(out, Mapping):
+        if "loss" not in out:
+            raise TypeError(
+                f"training_step returned a mapping with keys {sorted(map(repr, out))} and no 'loss'; "
+                "expected a loss tensor or a mapping with a 'loss' tensor"
+            )
+        loss, what = out["loss"], "'loss'"
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(
+                f"training_step returned 'loss' of type {type(loss).__name__}; {_LOSS_ALLOWED} "
+                "(a tensor computed from the module's parameters)"
+            )
+    else:
+        raise TypeError(
+            f"training_step returned {type(out).__name__}; expected a loss tensor or a mapping with a 'loss' tensor"
+        )
+    if loss.numel() != 1:
+        raise ValueError(
+            f"training_step returned {what} of shape {tuple(loss.shape)}; {_LOSS_ALLOWED}: reduce a "
+            "per-sample loss, e.g. with .mean()"
+        )
+    if not loss.is_floating_point():
+        raise ValueError(f"training_step returned {what} of dtype {loss.dtype}; {_LOSS_ALLOWED}")
+    if not loss.requires_grad:
+        raise ValueError(
+            f"training_step returned {what} with requires_grad=False (was it detached, made from .item(), "
+            f"or computed under torch.no_grad()?); {_LOSS_ALLOWED}"
+        )
+    return loss

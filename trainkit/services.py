@@ -41,6 +41,8 @@ class FitServices:
         self._old_handlers: dict[int, Any] = {}
 
     def start(self, cfg: TrainerConfig, is_main: bool, num_batches: int | None, global_step: int) -> None:
+        """``num_batches``: a pass's batches where certain (see ``trainkit.data.exact_length``), for the
+        progress total; None shows no total unless ``max_steps`` gives one."""
         self.logger = RunLogger(
             os.fspath(cfg.log_dir) if (cfg.log_dir is not None and is_main) else None, cfg.hparams()
         )
@@ -66,8 +68,17 @@ class FitServices:
         log.warning("trainkit: received signal %s; stopping after the current optimizer step", signum)
         self.signal = signum
 
-    def log_train(self, step: int, epoch: int, loss: torch.Tensor | None, out: Any, lrs: list[float]) -> None:
-        """Train loss, other scalar outputs of ``training_step``, learning rates and epoch at a log step."""
+    def log_train(
+        self,
+        step: int,
+        epoch: int,
+        loss: torch.Tensor | None,
+        out: Any,
+        lrs: list[float],
+        extra: Mapping[str, float] | None = None,
+    ) -> None:
+        """Train loss, other scalar outputs of ``training_step``, learning rates, ``extra`` (the GradScaler's)
+        and epoch at a log step."""
         value = float(loss.detach()) if loss is not None else None  # the one host sync per log step
         if self.logger.log_dir is not None:
             scalars: dict[str, float] = {}
@@ -79,6 +90,7 @@ class FitServices:
                         if not isinstance(item, torch.Tensor) or item.numel() == 1:
                             scalars[f"train_{name}"] = float(item)
             scalars.update(dict(zip(lr_tags(len(lrs)), lrs)))
+            scalars.update(extra or {})
             scalars[TAG_EPOCH] = float(epoch)
             self.logger.log_scalars(scalars, step)
         self.progress.show(step, epoch, value, lrs)

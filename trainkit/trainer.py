@@ -223,7 +223,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _start_services(self) -> None:
-        self._services.start(self.config, self.dist.is_main, self._loop_state.num_batches, self.global_step)
+        self._services.start(self.config, self.dist.is_main, self._loop_state.exact_batches, self.global_step)
         self._batch_start_hooks = self._hooks.overridden("on_batch_start")  # no-ops are skipped per batch
         self._batch_end_hooks = self._hooks.overridden("on_batch_end")
         # Under DDP, a stop requested after a step's gradients went out takes a blocking vote before the
@@ -275,14 +275,13 @@ class Trainer:
             for hook in self._batch_start_hooks:
                 hook(self, module, batch, batch_idx)
             micro += 1
-            pass_done = state.pass_known_done
-            boundary = micro == accumulate or pass_done
-            with _NULL if boundary else parallel.no_sync():
+            may_end = state.pass_may_end  # len() says this batch may end the pass: sync its gradients
+            with _NULL if micro == accumulate or may_end else parallel.no_sync():
                 with self._autocast():
                     out = forward(batch, batch_idx)
-                if vote is not None and boundary:
+                if vote is not None and (micro == accumulate or may_end):
                     vote.send()  # this rank's stop flags, as training_step left them, go out with the step
-                loss = out if isinstance(out, torch.Tensor) else training_loss(out)
+                loss = training_loss(out)  # checked (metadata only): a scalar floating tensor with grad
                 if accumulate > 1:
                     loss = loss / accumulate
                     self._last_loss = loss.detach() if micro == 1 else self._last_loss + loss.detach()  # type: ignore[operator]
@@ -290,6 +289,8 @@ class Trainer:
                     self._last_loss = loss
                 (self._scaler.scale(loss) if self._scaler is not None else loss).backward()
             self._last_out = out
+            pass_done = may_end and state.confirm_pass_end()  # asks the iterator now, as a for loop would
+            boundary = micro == accumulate or pass_done
             if boundary:
                 micro = 0
                 self._optimizer_step()
@@ -307,7 +308,8 @@ class Trainer:
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(self._clip_params, clip)
         if scaler is not None:
-            scaler.step(optimizer)  # skips the step when a gradient is not finite
+            scaler.step(optimizer)  # skips the step when a gradient is not finite; it still counts as one
+            self._loop_state.count_skipped(scaler, optimizer)  # on the device, logged at log steps
             scaler.update()
         else:
             optimizer.step()
@@ -331,7 +333,8 @@ class Trainer:
             self._services.progress.update()
             if step % cfg.log_every_n_steps == 0:
                 lrs = [float(g["lr"]) for g in self.optimizer.param_groups]  # type: ignore[union-attr]
-                self._services.log_train(step, self.current_epoch, self._last_loss, self._last_out, lrs)
+                amp = self._loop_state.amp_scalars(self._scaler)
+                self._services.log_train(step, self.current_epoch, self._last_loss, self._last_out, lrs, amp)
         saved = cfg.save_interval is not None and step % cfg.save_interval == 0
         if saved:
             self._checkpointer.save_regular(step)
@@ -375,9 +378,7 @@ class Trainer:
 
     # -- evaluation and checkpoints ----------------------------------------------------------------------
 
-    def _write_best(self) -> None:
-        """Once the step's evaluation and epoch-end hooks are done, so that the file holds the same state
-        a regular checkpoint of this step would."""
+    def _write_best(self) -> None:  # after the step's evaluation and epoch-end hooks: a regular file's state
         if self._evaluator.best_pending:
             self._evaluator.best_pending = False
             self._checkpointer.save_best()
