@@ -228,3 +228,47 @@ class TrainerConfig:
         """The scalar settings, for TensorBoard's hparams view."""
         skip = {"early_stop_rule", "monitor_rule", "monitor_explicit", "torch_device", "storage_options"}
         return {k: v for k, v in self.__dict__.items() if k not in skip}
+
+
+# -- Lightning's names ------------------------------------------------------------------------------------
+
+# What a Lightning user passes first, and what trainkit calls it. Trainer and fit take the unknown names
+# in a ``**`` parameter typed ``NoReturn`` (so type checkers still flag them) only to raise this pointed
+# TypeError instead of Python's bare "unexpected keyword argument".
+LIGHTNING_TRAINER_NAMES = {
+    "accelerator": "device= ('auto', 'cpu', 'cuda', 'cuda:1' or a torch.device)",
+    "devices": "device= for one device; for several, distributed=True and one process per device under "
+    "torchrun --nproc_per_node=N",
+    "strategy": "distributed=True (DDP, one process per device under torchrun)",
+    "num_nodes": "torchrun --nnodes=N with distributed=True",
+    "gradient_clip_val": "clip_grad=",
+    "check_val_every_n_epoch": "eval_interval= with run_mode='epoch'",
+    "val_check_interval": "eval_interval= with run_mode='step' (optimizer steps)",
+    "enable_progress_bar": "progress_bar=",
+    "enable_checkpointing": "checkpoint_dir=None to write no checkpoints",
+    "default_root_dir": "checkpoint_dir= and log_dir=",
+    "logger": "log_dir= (TensorBoard)",
+}
+LIGHTNING_FIT_NAMES = {
+    "train_dataloaders": "train_loader=",
+    "val_dataloaders": "val_loader=",
+    "dataloaders": "the loader as the second argument",
+    "datamodule": "train_loader= and val_loader= (call your datamodule's train_dataloader()/val_dataloader())",
+    "model": "the module as the first argument",
+}
+
+
+def unknown_arguments(
+    call: str, unknown: Mapping[str, Any], hints: Mapping[str, str], known: list[str]
+) -> TypeError:
+    """A TypeError for keyword arguments ``call`` does not take, saying trainkit's name for each."""
+    import difflib
+
+    parts = []
+    for name in unknown:
+        if name in hints:
+            parts.append(f"{name}= is Lightning's; trainkit takes {hints[name]}")
+        else:
+            close = difflib.get_close_matches(name, known, n=1)
+            parts.append(f"{name}= is not a parameter" + (f" (did you mean {close[0]}=?)" if close else ""))
+    return TypeError(f"{call} got unexpected keyword arguments: " + "; ".join(parts))

@@ -93,6 +93,8 @@ class Progress:
         self.is_tty = enabled and sys.stderr.isatty()
         self._bar: Any = None
         self._last_eval: dict[str, float] = {}
+        self._shown: tuple[int, int] | None = None  # (step, evaluations seen) of the last show()
+        self._evals = 0
         self._start = time.perf_counter()
         self._start_step = initial
         self.total = total
@@ -108,6 +110,7 @@ class Progress:
     def show(self, step: int, epoch: int, loss: float | None, lrs: list[float]) -> None:
         if not self.enabled:
             return
+        self._shown = (step, self._evals)
         fields = {"epoch": epoch}
         text = {k: f"{v}" for k, v in fields.items()}
         if loss is not None:
@@ -126,6 +129,14 @@ class Progress:
 
     def eval_done(self, metrics: dict[str, float]) -> None:
         self._last_eval = {k: v for k, v in metrics.items() if k.startswith(("val_", "ema_val_"))}
+        self._evals += 1
+
+    def finish(self, step: int, epoch: int, loss: float | None, lrs: list[float]) -> None:
+        """The last frame shows the final step's values (and the latest evaluation), then the bar closes;
+        nothing is repeated when the last :meth:`show` was for this step, after the latest evaluation."""
+        if self.enabled and self._shown != (step, self._evals):
+            self.show(step, epoch, loss, lrs)
+        self.close()
 
     def eval_bar(self, total: int | None, desc: str) -> Any:
         """A transient bar for an evaluation pass on a terminal, else None."""
