@@ -290,9 +290,9 @@ def _strip_key(key: str) -> str:
     return ".".join(part for part in key.split(".") if part != _COMPILE_PART)
 
 
-def load_state_dict_compiled(module: torch.nn.Module, state_dict: dict[str, Any], *, strict: bool = True) -> Any:
-    """``module.load_state_dict(state_dict)`` whether either side holds ``torch.compile``d submodules: keys
-    are matched with ``_orig_mod.`` components ignored. Returns what ``load_state_dict`` returns."""
+def match_compile_keys(module: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` renamed to ``module``'s own keys, with ``_orig_mod.`` components ignored on both
+    sides: a plain checkpoint then loads into a module holding ``torch.compile``d submodules and back."""
     target = {_strip_key(k): k for k in module.state_dict()}
     prefixes = {_strip_key(name): name for name, _ in module.named_modules()}
     state = strip_compile_prefix(state_dict)
@@ -300,7 +300,7 @@ def load_state_dict_compiled(module: torch.nn.Module, state_dict: dict[str, Any]
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:  # per-module versions (BatchNorm's), under the target's module names
         renamed._metadata = type(metadata)((prefixes.get(k, k), v) for k, v in metadata.items())  # type: ignore[attr-defined]
-    return module.load_state_dict(renamed, strict=strict)
+    return renamed
 
 
 def load_weights(
@@ -329,7 +329,7 @@ def load_weights(
         state = ckpt[KEY_EMA]["state_dict"]
     else:
         state = ckpt[KEY_MODEL]
-    load_state_dict_compiled(module, state, strict=strict)
+    module.load_state_dict(match_compile_keys(module, state), strict=strict)
     return module
 
 

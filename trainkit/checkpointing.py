@@ -38,11 +38,14 @@ from .checkpoint import (
     CheckpointError,
     CheckpointStorage,
     load_checkpoint,
+    match_compile_keys,
     regular_name,
+    strip_compile_prefix,
 )
 from .distributed import DistContext
 
 log = logging.getLogger("trainkit")
+_RESUMING = "trainkit: ckpt_path='last': continuing at step %d, resuming from %s"
 
 
 class Stateful(Protocol):
@@ -123,6 +126,34 @@ class CallbackStates:
                 warnings.warn(f"the checkpoint has no state for callback {cb.state_key!r}", stacklevel=5)
 
 
+class ModelState:
+    """The module's state dict with ``torch.compile``'s ``_orig_mod.`` key components removed, so the file
+    loads into the plain module; loading matches them back, whichever side is compiled."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def state_dict(self) -> dict[str, Any]:
+        return strip_compile_prefix(self.module.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(match_compile_keys(self.module, state))
+
+
+class EMAState:
+    """The EMA's state, its averaged module's keys treated as :class:`ModelState` treats the model's."""
+
+    def __init__(self, ema: Any) -> None:
+        self.ema = ema
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.ema.state_dict()
+        return {**state, "state_dict": strip_compile_prefix(state["state_dict"])}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict({**state, "state_dict": match_compile_keys(self.ema.module, state["state_dict"])})
+
+
 def _restart_ema(ema: Any) -> None:
     warnings.warn("the checkpoint has no EMA state; the EMA restarts from its weights", stacklevel=6)
     ema.reset()
@@ -134,8 +165,8 @@ def trainer_pieces(
 ) -> dict[str, Stateful]:
     """The named pieces of a Trainer's checkpoint, in restore order: the one place that lists them."""
     return {
-        KEY_MODEL: module,
-        KEY_EMA: OptionalPiece(ema, missing=lambda: _restart_ema(ema)),
+        KEY_MODEL: ModelState(module),
+        KEY_EMA: OptionalPiece(EMAState(ema) if ema is not None else None, missing=lambda: _restart_ema(ema)),
         KEY_OPTIMIZERS: StatefulList([optimizer], "optimizer"),
         KEY_SCHEDULERS: StatefulList(schedulers, "scheduler"),
         KEY_GRAD_SCALER: OptionalPiece(scaler),
@@ -197,6 +228,14 @@ class Checkpointer:
         self.last_saved_step = step
         return self._save(regular_name(step))
 
+    def save_final(self, step: int, stop_reason: str | None, save_last: bool) -> None:
+        """When fit stops: a regular checkpoint of ``step`` after a signal (so a requeued job continues),
+        or with ``save_last``; never twice for one step."""
+        if stop_reason is None or not (stop_reason == "signal" or save_last) or self.storage is None:
+            return
+        if step != self.last_saved_step:
+            self.save_regular(step)
+
     def save_best(self) -> None:
         if self.storage is not None:
             self.best_path = self._save(BEST_NAME)
@@ -217,6 +256,36 @@ class Checkpointer:
 
     # -- resuming ----------------------------------------------------------------------------------------
 
+    def resume(self, ckpt_path: str | os.PathLike[str] | None) -> bool:
+        """Restore from ``ckpt_path`` (see :meth:`resolve`); True when a checkpoint was restored. Without
+        ``ckpt_path``, warns once when ``checkpoint_dir`` already holds checkpoints this fit would mix with."""
+        if ckpt_path is None:
+            self._warn_if_occupied()
+            return False
+        checkpoint = self.resolve(ckpt_path)
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        return checkpoint is not None
+
+    def _warn_if_occupied(self) -> None:
+        storage = self.storage
+        if storage is None or not self.dist.is_main:
+            return
+        found = [regular_name(step) for step in storage.regular_steps()]
+        if len(found) > 2:
+            found = [found[0], "...", found[-1]]
+        if storage.exists(BEST_NAME):
+            found.append(BEST_NAME)
+        if found:
+            warnings.warn(
+                f"checkpoint_dir {storage.url!r} already holds checkpoints ({', '.join(found)}) and fit was "
+                "given no ckpt_path: this run starts fresh and writes beside them (a file of the same step is "
+                "replaced, best.ckpt too). Pass ckpt_path='last' to continue that run, or use another "
+                "checkpoint_dir.",
+                UserWarning,
+                stacklevel=4,  # the user's fit() call
+            )
+
     def resolve(self, ckpt_path: str | os.PathLike[str]) -> dict[str, Any] | None:
         """The checkpoint dict to resume from: ``ckpt_path`` itself, or for ``"last"`` the newest of the
         regular files and best.ckpt in ``checkpoint_dir`` (None, with a warning, when there is none)."""
@@ -228,11 +297,13 @@ class Checkpointer:
         best: dict[str, Any] | None = storage.read(BEST_NAME) if storage.exists(BEST_NAME) else None
         newest = steps[-1] if steps else None
         # On a tie the regular file is the newer one: it is written after on_epoch_end, best before.
+        # WARNING, so that it shows without any logging set up (Python's last-resort handler prints it): a
+        # user who resumed another run by mistake sees which file and step it was.
         if best is not None and (newest is None or best["trainer"]["global_step"] > newest):
-            log.info("trainkit: resuming from %s", storage.location(BEST_NAME))
+            log.warning(_RESUMING, best["trainer"]["global_step"], storage.location(BEST_NAME))
             return best
         if newest is not None:
-            log.info("trainkit: resuming from %s", storage.location(regular_name(newest)))
+            log.warning(_RESUMING, newest, storage.location(regular_name(newest)))
             return storage.read(regular_name(newest))
         log.warning("trainkit: ckpt_path='last' found no checkpoint in %s; starting fresh", storage.url)
         return None
