@@ -1,4 +1,5 @@
-"""One evaluation pass: a step function over a loader, metrics averaged by batch size across ranks.
+"""One evaluation pass: a step function over a loader, metrics averaged by batch size across ranks; and
+one prediction pass (:func:`run_predict_loop`).
 
 A step's value may also be a metric object (``update``/``compute``/``reset``, e.g. a
 ``torchmetrics.Metric``) that the step has updated itself; it is not averaged: after the loader it reports
@@ -157,3 +158,36 @@ def _computed_scalar(value: Any, name: str, step_name: str) -> dict[str, float]:
             )
         return {name: float(value.detach().reshape(()).item())}
     return {name: float(value)}
+
+
+def run_predict_loop(
+    module: torch.nn.Module,
+    loader: Iterable[Any],
+    *,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager[Any]],
+) -> list[Any]:
+    """``module.predict_step(batch, batch_idx)`` for every batch, in loader order, each output (tensors, or
+    lists/tuples/dicts of them) moved to the CPU.
+
+    Runs in ``eval()`` mode under ``torch.inference_mode()`` and restores every submodule's mode after,
+    also when a step fails. The whole loader runs in this process (under DDP each rank predicts all of it).
+    """
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    cpu = torch.device("cpu")
+    outputs: list[Any] = []
+    try:
+        with torch.inference_mode():
+            for batch_idx, batch in enumerate(loader):
+                if device.type != "cpu":
+                    batch = move_to_device(batch, device)
+                with autocast():
+                    out = module.predict_step(batch, batch_idx)  # type: ignore[operator]
+                outputs.append(move_to_device(out, cpu) if device.type != "cpu" else out)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the copies to the host above may be asynchronous
+    finally:
+        for m, was_training in modes.items():
+            m.training = was_training
+    return outputs

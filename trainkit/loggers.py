@@ -131,12 +131,11 @@ class Progress:
         self._last_eval = {k: v for k, v in metrics.items() if k.startswith(("val_", "ema_val_"))}
         self._evals += 1
 
-    def finish(self, step: int, epoch: int, loss: float | None, lrs: list[float]) -> None:
-        """The last frame shows the final step's values (and the latest evaluation), then the bar closes;
-        nothing is repeated when the last :meth:`show` was for this step, after the latest evaluation."""
-        if self.enabled and self._shown != (step, self._evals):
-            self.show(step, epoch, loss, lrs)
-        self.close()
+    def stale(self, step: int) -> bool:
+        """True on a terminal when the bar does not show ``step``'s values after the latest evaluation: the
+        caller then :meth:`show` s them once more before :meth:`close`, so the last frame is the final
+        step's. (Elsewhere the log lines stand as printed: no extra line, no extra sync.)"""
+        return self._bar is not None and self._shown != (step, self._evals)
 
     def eval_bar(self, total: int | None, desc: str) -> Any:
         """A transient bar for an evaluation pass on a terminal, else None."""

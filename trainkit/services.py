@@ -32,6 +32,8 @@ class FitServices:
         self.profiler: StepProfiler | None = None
         self.log_enabled = False
         self.signal: int | None = None  # the signal received, if any
+        self.log_every_n_steps = 1
+        self._last: tuple[int, int, Any, Any] | None = None  # (step, epoch, loss, optimizer) of the last step
         self._old_handlers: dict[int, Any] = {}
 
     def start(self, cfg: TrainerConfig, is_main: bool, num_batches: int | None, global_step: int) -> None:
@@ -45,6 +47,7 @@ class FitServices:
             total = cfg.max_epochs * math.ceil(num_batches / cfg.accumulate_grad_batches)
         self.progress = Progress(cfg.progress_bar and is_main, total, global_step)
         self.log_enabled = self.logger.log_dir is not None or self.progress.enabled
+        self.log_every_n_steps = cfg.log_every_n_steps
         if cfg.use_profiler and is_main and cfg.log_dir is not None:
             self.profiler = StepProfiler(os.fspath(cfg.log_dir), dict(cfg.profiler_kwargs or {}))
             self.profiler.start()
@@ -57,6 +60,14 @@ class FitServices:
         log.warning("trainkit: received signal %s; stopping after the current optimizer step", signum)
         self.signal = signum
 
+    def step_done(self, step: int, epoch: int, loss: torch.Tensor | None, out: Any, optimizer: Any) -> None:
+        """After every optimizer step (when logging is on): the progress bar moves; every
+        ``log_every_n_steps`` steps :meth:`log_train` runs. The step is remembered (no sync) for the last frame."""
+        self.progress.update()
+        self._last = (step, epoch, loss, optimizer)
+        if step % self.log_every_n_steps == 0:
+            self.log_train(step, epoch, loss, out, [float(g["lr"]) for g in optimizer.param_groups])
+
     def log_train(self, step: int, epoch: int, loss: torch.Tensor | None, out: Any, lrs: list[float]) -> None:
         """Train loss, other scalar outputs of ``training_step``, learning rates and epoch at a log step."""
         value = float(loss.detach()) if loss is not None else None  # the one host sync per log step
@@ -68,7 +79,7 @@ class FitServices:
                 for name, item in out.items():
                     if name != "loss" and isinstance(item, (torch.Tensor, int, float)):
                         if not isinstance(item, torch.Tensor) or item.numel() == 1:
-                            scalars[f"train_{name}"] = float(item)
+                            scalars[f"train_{name}"] = float(item.detach() if isinstance(item, torch.Tensor) else item)
             scalars.update(dict(zip(lr_tags(len(lrs)), lrs)))
             scalars[TAG_EPOCH] = float(epoch)
             self.logger.log_scalars(scalars, step)
@@ -86,8 +97,14 @@ class FitServices:
                     log.info("trainkit profiler summary:\n%s", summary)
             self.profiler = None
 
-    def close(self) -> None:
-        """Close the progress display and the logger's files."""
+    def close(self, finished: bool = False) -> None:
+        """Close the progress display (when fit ``finished`` without an exception, its last frame shows the
+        final step's values) and the logger's files."""
+        if finished and self._last is not None and self.progress.stale(self._last[0]):
+            step, epoch, loss, optimizer = self._last
+            with contextlib.suppress(Exception):
+                lrs = [float(g["lr"]) for g in optimizer.param_groups]
+                self.progress.show(step, epoch, float(loss.detach()) if loss is not None else None, lrs)
         for closeable in (self.progress, self.logger):
             with contextlib.suppress(Exception):
                 closeable.close()
