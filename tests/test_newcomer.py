@@ -151,6 +151,14 @@ def test_torchmetrics_f1_is_computed_over_the_whole_set_then_reset():
     assert trainer.test(module, loader)["test_f1"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_metric_object_per_named_evaluation_set():
+    module, whole, half = F1Task(), val_loader(), make_loader(20, batch_size=VAL_BATCH, seed=1)
+    metrics = tk.Trainer(**quiet()).validate(module, {"whole": whole, "part": half})
+    assert metrics["val_whole_f1"] == pytest.approx(expected_f1(module, whole), rel=1e-6)
+    assert metrics["val_part_f1"] == pytest.approx(expected_f1(module, half), rel=1e-6)
+    assert module.val_f1.update_count == 0
+
+
 def test_metric_objects_during_fit_with_ema_and_a_test_loader():
     module, loader = F1Task(), val_loader()
     trainer = tk.Trainer(run_mode="step", max_steps=4, eval_interval=2, use_ema=True, ema_decay=0.5, **quiet())

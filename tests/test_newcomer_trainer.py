@@ -181,6 +181,11 @@ def test_predict_returns_outputs_in_loader_order_in_eval_and_inference_mode():
     assert torch.equal(plain[0], TinyClassifier()(torch.ones(2, 8)))
 
 
+def test_predict_takes_one_loader_not_a_mapping_of_sets():
+    with pytest.raises(TypeError, match="predict takes one loader"):
+        tk.Trainer(**quiet()).predict(TinyClassifier(), {"a": [torch.ones(2, 8)]})
+
+
 def test_predict_restores_train_mode_after_a_failure():
     class Fails(TinyClassifier):
         def predict_step(self, batch, batch_idx):

@@ -243,6 +243,7 @@ def check_fit_args(
     setting only fit needs, a stop condition (``validate``/``test``/``predict`` run without one)."""
     from collections.abc import Iterable
 
+    from .evaluation import loader_sets
     from .module import TaskModule  # here: the module imports the callbacks, which need no config
 
     if unknown:
@@ -255,11 +256,12 @@ def check_fit_args(
         )
     if not isinstance(module, TaskModule):
         raise TypeError(f"module={type(module).__name__} is not valid; expected a trainkit.TaskModule")
-    for name, loader in (("train_loader", train), ("val_loader", val), ("test_loader", test)):
-        if (loader is not None or name == "train_loader") and not isinstance(loader, Iterable):
-            raise TypeError(f"{name}={loader!r} is not valid; expected an iterable of batches (a DataLoader)")
+    if not isinstance(train, Iterable):
+        raise TypeError(f"train_loader={train!r} is not valid; expected an iterable of batches (a DataLoader)")
+    loader_sets("val_loader", val)  # a loader, or a mapping of named sets: checked here, before any step
+    loader_sets("test_loader", test)
     try:
-        length = len(train)
+        length = len(train)  # type: ignore[arg-type]
     except TypeError:
         length = None
     if length == 0:
@@ -271,16 +273,23 @@ def check_fit_args(
             raise ValueError("ckpt_path='last' needs checkpoint_dir; checkpoint_dir=None was given")
 
 
-def check_eval_args(module: Any, loader: Any) -> None:
-    """The live arguments of ``Trainer.validate``/``test``/``predict``."""
-    from collections.abc import Iterable
-
+def check_eval_args(module: Any, loader: Any, sets: bool = True) -> None:
+    """The live arguments of ``Trainer.validate``/``test`` (``loader``: a loader or a mapping of named
+    sets) and ``predict`` (``sets=False``: one loader)."""
+    from .evaluation import loader_sets
     from .module import TaskModule
 
     if not isinstance(module, TaskModule):
         raise TypeError(f"module={type(module).__name__} is not valid; expected a trainkit.TaskModule")
-    if not isinstance(loader, Iterable):
-        raise TypeError(f"loader={loader!r} is not valid; expected an iterable of batches")
+    if loader is None:
+        raise TypeError(
+            "loader=None is not valid; expected an iterable of batches or a mapping of set names to them"
+        )
+    if not sets and isinstance(loader, Mapping):
+        raise TypeError(
+            f"loader={loader!r} is not valid; predict takes one loader (an iterable of batches), not a mapping"
+        )
+    loader_sets("loader", loader)
 
 
 # -- Lightning's names ------------------------------------------------------------------------------------

@@ -191,3 +191,69 @@ def run_predict_loop(
         for m, was_training in modes.items():
             m.training = was_training
     return outputs
+
+
+# -- several evaluation sets ------------------------------------------------------------------------------
+
+
+def loader_sets(param: str, value: Any) -> list[tuple[str, Any]]:
+    """``val_loader``/``test_loader`` as ``[(set_name, loader), ...]``: ``[]`` for None, ``[("", loader)]``
+    for one loader (today's metric names), the mapping's items in its order for a mapping of set names to
+    loaders.
+
+    Raises ValueError (naming ``param``) for an empty mapping or a set name that is not a Python
+    identifier, and TypeError for a loader that is not iterable. Nothing runs a batch before this.
+    """
+    if value is None:
+        return []
+    if not isinstance(value, Mapping):
+        if not isinstance(value, Iterable):
+            raise TypeError(
+                f"{param}={value!r} is not valid; expected an iterable of batches (a DataLoader), or a mapping "
+                "of set names to them"
+            )
+        return [("", value)]
+    if not value:
+        raise ValueError(
+            f"{param}={dict(value)!r} is not valid; expected a loader, or a non-empty mapping of set names to "
+            "loaders such as {'clean': loader_a, 'noisy': loader_b}"
+        )
+    sets: list[tuple[str, Any]] = []
+    for name, loader in value.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(
+                f"{param} has set name {name!r}, which is not valid; expected set names that are Python "
+                f"identifiers (letters, digits and '_', not starting with a digit), given {list(value)!r}"
+            )
+        if isinstance(loader, Mapping) or not isinstance(loader, Iterable):
+            raise TypeError(
+                f"{param}[{name!r}]={loader!r} is not valid; expected an iterable of batches (a DataLoader)"
+            )
+        sets.append((name, loader))
+    return sets
+
+
+def metric_prefix(stage: str, set_name: str = "", model_prefix: str = "") -> str:
+    """The prefix of one evaluation's metric names: ``val_``, ``test_``, ``val_<set>_``, ``ema_val_<set>_`` …
+    (``model_prefix`` is ``""`` for the base model, ``"ema_"`` for the EMA)."""
+    return f"{model_prefix}{stage}_{set_name + '_' if set_name else ''}"
+
+
+def map_loaders(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` applied to one loader, or to every loader of a mapping of named sets (a new dict, same order):
+    e.g. each rank's shard of every evaluation set under DDP."""
+    if isinstance(value, Mapping):
+        return {name: fn(loader) for name, loader in value.items()}
+    return fn(value)
+
+
+def merge_set_metrics(into: dict[str, float], metrics: Mapping[str, float], where: str) -> None:
+    """Add one set's metrics to ``into``; a name produced twice (set ``a`` metric ``b_loss`` and set ``a_b``
+    metric ``loss`` both give ``val_a_b_loss``) is a ValueError rather than a silent overwrite."""
+    clash = sorted(set(into) & set(metrics))
+    if clash:
+        raise ValueError(
+            f"{where} produced metric names {clash} that another evaluation set already produced; rename a "
+            "set in val_loader/test_loader so that val_<set>_<metric> names stay distinct"
+        )
+    into.update(metrics)

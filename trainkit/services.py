@@ -21,6 +21,12 @@ from .profiling import StepProfiler
 
 log = logging.getLogger("trainkit")
 
+SUMMARY_WRITER_DOC = """The ``torch.utils.tensorboard.SummaryWriter`` trainkit logs to: add images, histograms,
+text ... to the same run (the same event file) as trainkit's scalars. Rank 0 only, from the start of fit
+(``on_fit_start``) and after it; None on other ranks, without ``log_dir`` and before the first fit. It is
+created on first use; fit closes it at its end, and its next ``add_*`` after fit opens a new event file in
+the same directory (flush or close it yourself then). Each fit has its own writer."""
+
 
 class FitServices:
     """Logger, progress, profiler and signal handlers for one fit. Until :meth:`start` every part is a
@@ -40,8 +46,7 @@ class FitServices:
         self.logger = RunLogger(
             os.fspath(cfg.log_dir) if (cfg.log_dir is not None and is_main) else None, cfg.hparams()
         )
-        if self.logger.log_dir is not None:
-            _ = self.logger.writer  # event file and hparams at fit start
+        # No event file yet: the logger creates it at its first write, or when a user asks for the writer.
         total = cfg.max_steps
         if total is None and num_batches is not None and cfg.max_epochs is not None:
             total = cfg.max_epochs * math.ceil(num_batches / cfg.accumulate_grad_batches)
@@ -55,6 +60,10 @@ class FitServices:
             for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
                 if sig is not None:
                     self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    @property
+    def summary_writer(self) -> Any:
+        return self.logger.summary_writer
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.warning("trainkit: received signal %s; stopping after the current optimizer step", signum)
@@ -99,12 +108,14 @@ class FitServices:
 
     def close(self, finished: bool = False) -> None:
         """Close the progress display (when fit ``finished`` without an exception, its last frame shows the
-        final step's values) and the logger's files."""
+        final step's values) and the logger's files (``finished``: a run that never evaluated still records
+        its settings)."""
         if finished and self._last is not None and self.progress.stale(self._last[0]):
             step, epoch, loss, optimizer = self._last
             with contextlib.suppress(Exception):
                 lrs = [float(g["lr"]) for g in optimizer.param_groups]
                 self.progress.show(step, epoch, float(loss.detach()) if loss is not None else None, lrs)
-        for closeable in (self.progress, self.logger):
-            with contextlib.suppress(Exception):
-                closeable.close()
+        with contextlib.suppress(Exception):
+            self.progress.close()
+        with contextlib.suppress(Exception):
+            self.logger.close(finished=finished)

@@ -46,7 +46,7 @@ from .loop_state import END, LoopState
 from .module import TaskModule, training_loss
 from .optim import parse_optimizers
 from .parallel import SingleProcess, eval_share, make_parallel
-from .services import FitServices
+from .services import SUMMARY_WRITER_DOC, FitServices
 
 __all__ = ["Trainer", "FitResult", "EvalRecord", "MetricNotFoundError"]  # the last three live in evaluator
 
@@ -128,6 +128,7 @@ class Trainer:
     best_step = property(lambda self: self._evaluator.best_step)
     best_epoch = property(lambda self: self._evaluator.best_epoch)
     best_checkpoint_path = property(lambda self: self._checkpointer.best_path, doc="Location of best.ckpt.")
+    summary_writer = property(lambda self: self._services.summary_writer, doc=SUMMARY_WRITER_DOC)
 
     # -- fit ---------------------------------------------------------------------------------------------
 
@@ -166,16 +167,16 @@ class Trainer:
                                       self.stop_reason or "max_steps")
 
     def validate(self, module: TaskModule, loader: Iterable[Any]) -> dict[str, float]:
-        """Evaluate ``module`` (and its EMA, when this trainer holds one) with ``validation_step``."""
+        """``validation_step`` over a loader, or a mapping of named sets, for ``module`` (and its EMA)."""
         return self._standalone_eval(module, loader, "val")
 
     def test(self, module: TaskModule, loader: Iterable[Any]) -> dict[str, float]:
-        """Evaluate ``module`` (and its EMA, when this trainer holds one) with ``test_step``."""
+        """``test_step`` over a loader, or a mapping of named sets, for ``module`` (and its EMA)."""
         return self._standalone_eval(module, loader, "test")
 
     def predict(self, module: TaskModule, loader: Iterable[Any]) -> list[Any]:
         """``module.predict_step`` outputs, one per batch in loader order, on the CPU (see run_predict_loop)."""
-        check_eval_args(module, loader)
+        check_eval_args(module, loader, sets=False)
         return run_predict_loop(module.to(self.device), loader, device=self.device, autocast=self._autocast)
 
     # -- setup and teardown ------------------------------------------------------------------------------
