@@ -570,6 +570,47 @@ def load_checkpoint(
     return _load(fs, path, shown, map_location)
 
 
+# torch.compile wraps a module in an OptimizedModule that holds the original as ``_orig_mod``, so a compiled
+# submodule's state-dict keys read ``net._orig_mod.weight``. Checkpoints hold the plain names.
+_COMPILE_PART = "_orig_mod"
+
+
+def strip_compile_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with every ``_orig_mod.`` path component removed from its keys (same order, same
+    values): ``net._orig_mod.weight`` -> ``net.weight``. Keys without one are kept as they are; a
+    ``state_dict``'s ``_metadata`` attribute is carried over without the component too.
+
+    Example::
+
+        model.net = torch.compile(model.net)
+        plain = tk.checkpoint.strip_compile_prefix(model.state_dict())   # loads into an uncompiled model
+    """
+    out = type(state_dict)((_strip_key(k), v) for k, v in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = type(metadata)((_strip_key(k), v) for k, v in metadata.items())  # type: ignore[attr-defined]
+    return out
+
+
+def _strip_key(key: str) -> str:
+    if _COMPILE_PART not in key:
+        return key
+    return ".".join(part for part in key.split(".") if part != _COMPILE_PART)
+
+
+def match_compile_keys(module: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` renamed to ``module``'s own keys, with ``_orig_mod.`` components ignored on both
+    sides: a plain checkpoint then loads into a module holding ``torch.compile``d submodules and back."""
+    target = {_strip_key(k): k for k in module.state_dict()}
+    prefixes = {_strip_key(name): name for name, _ in module.named_modules()}
+    state = strip_compile_prefix(state_dict)
+    renamed = type(state)((target.get(k, k), v) for k, v in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:  # per-module versions (BatchNorm's), under the target's module names
+        renamed._metadata = type(metadata)((prefixes.get(k, k), v) for k, v in metadata.items())  # type: ignore[attr-defined]
+    return renamed
+
+
 def load_weights(
     module: torch.nn.Module,
     path_or_url: str | os.PathLike[str],
@@ -581,6 +622,8 @@ def load_weights(
     """Load trained weights (the raw ones, or with ``ema=True`` the averaged ones) into ``module``.
 
     ``path_or_url`` is a checkpoint file or a sharded checkpoint directory (only its weights are read).
+    ``module`` may hold ``torch.compile``d submodules, or be compiled itself, whether or not the run that
+    saved the checkpoint compiled them: ``_orig_mod.`` key components are matched away on both sides.
 
     Example::
 
@@ -595,7 +638,7 @@ def load_weights(
         state = ckpt[KEY_EMA]["state_dict"]
     else:
         state = ckpt[KEY_MODEL]
-    module.load_state_dict(state, strict=strict)
+    module.load_state_dict(match_compile_keys(module, state), strict=strict)
     return module
 
 

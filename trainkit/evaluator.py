@@ -112,9 +112,17 @@ class Evaluator:
         """The base model, and the EMA model when ``ema`` averages this very module."""
         return [("", module)] + ([("ema_", ema.module)] if ema is not None and ema.model is module else [])
 
-    @staticmethod
-    def loaders_of(val: Any, test: Any) -> list[tuple[str, Any]]:
-        return [(stage, loader) for stage, loader in (("val", val), ("test", test)) if loader is not None]
+    def loaders_of(self, val: Any, test: Any) -> list[tuple[str, Any]]:
+        loaders = [(stage, loader) for stage, loader in (("val", val), ("test", test)) if loader is not None]
+        idle = [f"{n}={getattr(self.config, n)!r}" for n in ("early_stop", "monitor") if getattr(self.config, n)]
+        if idle and not loaders and self.dist.is_main:
+            warnings.warn(
+                f"{' and '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect without a val_loader: "
+                "fit never evaluates, so nothing stops early and no best.ckpt is written; pass val_loader to fit",
+                UserWarning,
+                stacklevel=4,  # the user's fit() call
+            )
+        return loaders
 
     # -- running evaluations -----------------------------------------------------------------------------
 

@@ -120,6 +120,8 @@ class Progress:
         self.is_tty = enabled and sys.stderr.isatty()
         self._bar: Any = None
         self._last_eval: dict[str, float] = {}
+        self._shown: tuple[int, int] | None = None  # (step, evaluations seen) of the last show()
+        self._evals = 0
         self._start = time.perf_counter()
         self._start_step = initial
         self.total = total
@@ -135,6 +137,7 @@ class Progress:
     def show(self, step: int, epoch: int, loss: float | None, lrs: list[float]) -> None:
         if not self.enabled:
             return
+        self._shown = (step, self._evals)
         fields = {"epoch": epoch}
         text = {k: f"{v}" for k, v in fields.items()}
         if loss is not None:
@@ -153,6 +156,13 @@ class Progress:
 
     def eval_done(self, metrics: dict[str, float]) -> None:
         self._last_eval = {k: v for k, v in metrics.items() if k.startswith(("val_", "ema_val_"))}
+        self._evals += 1
+
+    def stale(self, step: int) -> bool:
+        """True on a terminal when the bar does not show ``step``'s values after the latest evaluation: the
+        caller then :meth:`show` s them once more before :meth:`close`, so the last frame is the final
+        step's. (Elsewhere the log lines stand as printed: no extra line, no extra sync.)"""
+        return self._bar is not None and self._shown != (step, self._evals)
 
     def eval_bar(self, total: int | None, desc: str) -> Any:
         """A transient bar for an evaluation pass on a terminal, else None."""

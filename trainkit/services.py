@@ -10,7 +10,7 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -38,6 +38,8 @@ class FitServices:
         self.profiler: StepProfiler | None = None
         self.log_enabled = False
         self.signal: int | None = None  # the signal received, if any
+        self.log_every_n_steps = 1
+        self._last: tuple[int, int, Any, Any] | None = None  # (step, epoch, loss, optimizer) of the last step
         self._old_handlers: dict[int, Any] = {}
 
     def start(self, cfg: TrainerConfig, is_main: bool, num_batches: int | None, global_step: int) -> None:
@@ -52,6 +54,7 @@ class FitServices:
             total = cfg.max_epochs * math.ceil(num_batches / cfg.accumulate_grad_batches)
         self.progress = Progress(cfg.progress_bar and is_main, total, global_step)
         self.log_enabled = self.logger.log_dir is not None or self.progress.enabled
+        self.log_every_n_steps = cfg.log_every_n_steps
         if cfg.use_profiler and is_main and cfg.log_dir is not None:
             self.profiler = StepProfiler(os.fspath(cfg.log_dir), dict(cfg.profiler_kwargs or {}))
             self.profiler.start()
@@ -67,6 +70,19 @@ class FitServices:
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.warning("trainkit: received signal %s; stopping after the current optimizer step", signum)
         self.signal = signum
+
+    def step_done(
+        self, step: int, epoch: int, loss: torch.Tensor | None, out: Any, optimizer: Any,
+        extra: Callable[[], Mapping[str, float]] | None = None,
+    ) -> None:
+        """After every optimizer step (when logging is on): the progress bar moves; every
+        ``log_every_n_steps`` steps :meth:`log_train` runs, with ``extra()`` (the GradScaler's scalars). The
+        step is remembered (no sync) for the last frame."""
+        self.progress.update()
+        self._last = (step, epoch, loss, optimizer)
+        if step % self.log_every_n_steps == 0:
+            lrs = [float(g["lr"]) for g in optimizer.param_groups]
+            self.log_train(step, epoch, loss, out, lrs, extra() if extra is not None else None)
 
     def log_train(
         self,
@@ -88,7 +104,7 @@ class FitServices:
                 for name, item in out.items():
                     if name != "loss" and isinstance(item, (torch.Tensor, int, float)):
                         if not isinstance(item, torch.Tensor) or item.numel() == 1:
-                            scalars[f"train_{name}"] = float(item)
+                            scalars[f"train_{name}"] = float(item.detach() if isinstance(item, torch.Tensor) else item)
             scalars.update(dict(zip(lr_tags(len(lrs)), lrs)))
             scalars.update(extra or {})
             scalars[TAG_EPOCH] = float(epoch)
@@ -108,8 +124,14 @@ class FitServices:
             self.profiler = None
 
     def close(self, finished: bool = False) -> None:
-        """Close the progress display and the logger's files (``finished``: fit did not fail, so a run that
-        never evaluated still records its settings)."""
+        """Close the progress display (when fit ``finished`` without an exception, its last frame shows the
+        final step's values) and the logger's files (``finished``: a run that never evaluated still records
+        its settings)."""
+        if finished and self._last is not None and self.progress.stale(self._last[0]):
+            step, epoch, loss, optimizer = self._last
+            with contextlib.suppress(Exception):
+                lrs = [float(g["lr"]) for g in optimizer.param_groups]
+                self.progress.show(step, epoch, float(loss.detach()) if loss is not None else None, lrs)
         with contextlib.suppress(Exception):
             self.progress.close()
         with contextlib.suppress(Exception):

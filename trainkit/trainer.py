@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -36,10 +36,11 @@ from . import distributed as dist_utils
 from .callbacks import Callback, Hooks, check_callbacks
 from .checkpoint import CheckpointStorage
 from .checkpointing import Checkpointer, trainer_pieces
-from .config import TrainerConfig, check_eval_args, check_fit_args
+from .config import TrainerConfig, check_eval_args, check_fit_args, reject_unknown
 from .data import move_to_device
 from .distributed import DistContext
 from .ema import EMA
+from .evaluation import run_predict_loop
 from .evaluator import EvalRecord, Evaluator, FitResult, MetricNotFoundError
 from .loop_state import END, LoopState
 from .module import TaskModule, training_loss
@@ -75,13 +76,14 @@ class Trainer:
         use_ema: bool = False, ema_decay: float = 0.999, ema_warmup: bool = False,
         distributed: bool = False, rank: int | None = None, world_size: int | None = None,
         backend: str | None = None, init_method: str | None = None, find_unused_parameters: bool = False,
-        device: str | torch.device | None = None,
+        device: str | torch.device | None = None, save_last: bool = False,
         checkpoint_dir: str | os.PathLike[str] | None = "checkpoints",
         storage_options: Mapping[str, Any] | None = None, async_checkpoint: bool = False,
         log_dir: str | os.PathLike[str] | None = "runs", log_every_n_steps: int = 50, progress_bar: bool = True,
         use_profiler: bool = False, profiler_kwargs: Mapping[str, Any] | None = None,
-        callbacks: Sequence[Callback] = (), handle_signals: bool = True,
+        callbacks: Sequence[Callback] = (), handle_signals: bool = True, **unknown: NoReturn,
     ) -> None:
+        reject_unknown("Trainer()", unknown, Trainer.__init__)  # a pointed TypeError for Lightning's names
         self.config = TrainerConfig(
             run_mode=run_mode, eval_interval=eval_interval, max_epochs=max_epochs, max_steps=max_steps,
             save_interval=save_interval, early_stop=early_stop, clip_grad=clip_grad, use_ema=use_ema,
@@ -91,7 +93,7 @@ class Trainer:
             profiler_kwargs=profiler_kwargs, checkpoint_dir=checkpoint_dir, storage_options=storage_options,
             async_checkpoint=async_checkpoint, log_dir=log_dir, log_every_n_steps=log_every_n_steps,
             progress_bar=progress_bar, monitor=monitor, device=device, precision=precision,
-            accumulate_grad_batches=accumulate_grad_batches, handle_signals=handle_signals,
+            accumulate_grad_batches=accumulate_grad_batches, handle_signals=handle_signals, save_last=save_last,
         )  # fmt: skip
         self.callbacks = check_callbacks(callbacks)
         dist_utils.check_launch(distributed, rank, world_size, init_method)
@@ -133,24 +135,21 @@ class Trainer:
     def fit(
         self,
         module: TaskModule,
-        train_loader: Iterable[Any],
+        train_loader: Iterable[Any] | None = None,  # required; None only so that Lightning's names get a hint
         val_loader: Iterable[Any] | None = None,
         *,
         test_loader: Iterable[Any] | None = None,
-        ckpt_path: str | os.PathLike[str] | None = None,
+        ckpt_path: str | os.PathLike[str] | None = None, **unknown: NoReturn,
     ) -> FitResult:
         """Train ``module``; resume from ``ckpt_path`` (a path, URL, or ``"last"``) when given."""
-        check_fit_args(module, train_loader, val_loader, test_loader, ckpt_path, self.storage is not None)
+        check_fit_args(self.config, module, train_loader, val_loader, test_loader, ckpt_path, unknown)
         self._reset_state()
         self._hooks = hooks = Hooks(self, module, self.callbacks)
         failed = False
         try:
             self._setup(module, train_loader, val_loader, test_loader)
-            if ckpt_path is not None:
-                checkpoint = self._checkpointer.resolve(ckpt_path)
-                if checkpoint is not None:
-                    self._checkpointer.restore(checkpoint)
-                    self._loop_state.restore_position()
+            if self._checkpointer.resume(ckpt_path):  # without ckpt_path: warns if checkpoint_dir has files
+                self._loop_state.restore_position()
             self._start_services()
             hooks.emit("on_fit_start")
             self._loop()
@@ -174,6 +173,11 @@ class Trainer:
     def test(self, module: TaskModule, loader: Iterable[Any]) -> dict[str, float]:
         """``test_step`` over a loader, or a mapping of named sets, for ``module`` (and its EMA)."""
         return self._standalone_eval(module, loader, "test")
+
+    def predict(self, module: TaskModule, loader: Iterable[Any]) -> list[Any]:
+        """``module.predict_step`` outputs, one per batch in loader order, on the CPU (see run_predict_loop)."""
+        check_eval_args(module, loader, sets=False)
+        return run_predict_loop(module.to(self.device), loader, device=self.device, autocast=self._autocast)
 
     # -- setup and teardown ------------------------------------------------------------------------------
 
@@ -330,11 +334,8 @@ class Trainer:
             self._after_pass_eval_and_hooks()
         self._write_best()
         if self._services.log_enabled:  # after evaluating, so the progress line shows this step's metrics
-            self._services.progress.update()
-            if step % cfg.log_every_n_steps == 0:
-                lrs = [float(g["lr"]) for g in self.optimizer.param_groups]  # type: ignore[union-attr]
-                amp = self._loop_state.amp_scalars(self._scaler)
-                self._services.log_train(step, self.current_epoch, self._last_loss, self._last_out, lrs, amp)
+            self._services.step_done(step, self.current_epoch, self._last_loss, self._last_out, self.optimizer,
+                                     lambda: self._loop_state.amp_scalars(self._scaler))
         saved = cfg.save_interval is not None and step % cfg.save_interval == 0
         if saved:
             self._checkpointer.save_regular(step)
@@ -367,12 +368,11 @@ class Trainer:
             self.stop_reason = early
         elif signalled:
             self.stop_reason = "signal"
-            if step != self._checkpointer.last_saved_step and self.storage is not None:
-                self._checkpointer.save_regular(step)
         elif requested:
             self.stop_reason = "should_stop"
         elif at_limit:
             self.stop_reason = "max_steps" if max_steps else "max_epochs"
+        self._checkpointer.save_final(step, self.stop_reason, cfg.save_last)  # after a signal, or save_last
         if requested:
             self.should_stop = True  # under DDP another rank may have asked
 
