@@ -31,7 +31,7 @@ import torch
 import trainkit as tk
 from trainkit.checkpoint import CheckpointStorage, is_temporary_name, temporary_name
 
-RETRY_LOGGER = "trainkit.checkpoint"
+RETRY_LOGGER = "trainkit"
 
 
 # -- a store that drops connections ------------------------------------------------------------------------
@@ -122,6 +122,8 @@ class CloseWindowOnRetry(logging.Handler):
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        if "failed (try" not in record.getMessage():
+            return  # another of trainkit's warnings
         self.records.append(record)
         if self.proxy is not None:
             self.proxy.up()
@@ -356,6 +358,7 @@ def test_remove_temporaries_removes_a_killed_writes_file_and_nothing_else(tmp_pa
 def test_temporary_names_are_the_ones_writes_use():
     names = {temporary_name("best.ckpt") for _ in range(3)}
     assert len(names) == 3 and all(n.startswith(".best.ckpt.tmp-") and is_temporary_name(n) for n in names)
+    assert is_temporary_name(".step_000000004.trash-" + "0" * 32)  # a sharded save's old copy, moved aside
     assert not any(is_temporary_name(n) for n in ("best.ckpt", ".best.ckpt", ".best.ckpt.tmp-", "x.tmp-" + "0" * 32))
 
 
