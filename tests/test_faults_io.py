@@ -355,6 +355,68 @@ def test_remove_temporaries_removes_a_killed_writes_file_and_nothing_else(tmp_pa
     assert storage.remove_temporaries() == []
 
 
+class ListAtStart(tk.Callback):
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.names: list[str] = []
+
+    def on_fit_start(self, trainer, module):
+        self.names = sorted(os.listdir(self.directory))
+
+
+@pytest.mark.timeout(60)
+def test_fit_removes_leftovers_of_killed_writes_before_the_first_step(tmp_path, caplog):
+    from helpers import TinyClassifier, make_loader, quiet
+
+    directory = tmp_path / "ckpt"
+
+    def fit(max_steps: int, callbacks=(), ckpt_path=None):
+        trainer = tk.Trainer(run_mode="step", max_steps=max_steps, save_interval=2, callbacks=list(callbacks),
+                             **quiet(checkpoint_dir=str(directory)))  # fmt: skip
+        return trainer.fit(TinyClassifier(), make_loader(64, batch_size=4), ckpt_path=ckpt_path)
+
+    fit(2)
+    ours = {
+        temporary_name("step_000000004.ckpt"): b"half a checkpoint",  # a killed single-file write
+        temporary_name("step_000000006") + "/__0_0.distcp": b"shard",  # a killed sharded save (a directory)
+        ".step_000000002.trash-" + "d" * 32 + "/.metadata": b"old copy",  # a sharded save's moved-aside copy
+    }
+    others = {
+        "notes.txt": b"not ours",
+        ".hidden": b"not ours",
+        ".step_000000004.ckpt.tmp-0123456789abcdef": b"not our pattern: 16 hex digits",
+    }
+    for name, data in {**ours, **others}.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(data)
+    caplog.set_level(logging.INFO, logger="trainkit")
+    seen = ListAtStart(directory)
+    result = fit(4, [seen], ckpt_path="last")
+    assert result.global_step == 4
+    assert seen.names == sorted(["step_000000002.ckpt", *others])  # gone before on_fit_start
+    assert sorted(os.listdir(directory)) == sorted(["step_000000002.ckpt", "step_000000004.ckpt", *others])
+    assert all((directory / name).read_bytes() == data for name, data in others.items())
+    removed = [r for r in caplog.records if "temporary file(s)" in r.getMessage()]
+    assert len(removed) == 1 and removed[0].levelno == logging.WARNING
+    tops = sorted(str(directory / name.split("/")[0]) for name in ours)
+    assert removed[0].getMessage().endswith(", ".join(tops)), removed[0].getMessage()
+
+    caplog.clear()
+    fit(4, ckpt_path="last")  # nothing left over: nothing said
+    assert not [r for r in caplog.records if "temporary file(s)" in r.getMessage()]
+
+
+@pytest.mark.timeout(60)
+def test_remove_temporaries_on_s3(s3):
+    client, bucket, options = s3
+    leftover = "run/" + temporary_name("step_000000004.ckpt")
+    for key in (leftover, "run/step_000000002.ckpt", "run/.hidden"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"x")
+    storage = CheckpointStorage(f"s3://{bucket}/run", options)
+    assert storage.remove_temporaries() == [f"s3://{bucket}/{leftover}"]
+    assert keys(client, bucket) == ["run/.hidden", "run/step_000000002.ckpt"]
+
+
 def test_temporary_names_are_the_ones_writes_use():
     names = {temporary_name("best.ckpt") for _ in range(3)}
     assert len(names) == 3 and all(n.startswith(".best.ckpt.tmp-") and is_temporary_name(n) for n in names)
