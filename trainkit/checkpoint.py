@@ -287,8 +287,9 @@ class CheckpointStorage:
     def remove_temporaries(self) -> list[str]:
         """Delete the hidden temporary files (or sharded directories) that killed writes left in this
         directory and return their locations, sorted. Only trainkit's own names are touched (see
-        ``is_temporary_name``); nothing hidden is ever taken by ``"last"``, so no checkpoint is lost. Call it only while nothing writes to this directory: a write in
-        flight (in any process) keeps its bytes under such a name until it is renamed."""
+        ``is_temporary_name``); nothing hidden is ever taken by ``"last"``, so no checkpoint is lost. Call
+        it only while nothing writes to this directory: a write in flight (in any process) keeps its bytes
+        under such a name until it is renamed."""
         removed = []
         for name in self.names():
             if not is_temporary_name(name):
