@@ -212,8 +212,10 @@ class Checkpointer:
 
     def check_storage(self) -> None:
         """Rank 0 makes ``checkpoint_dir`` and writes and deletes a probe in it (see
-        :meth:`CheckpointStorage.check_writable`); under DDP one broadcast gives every rank its verdict, so
-        all ranks raise the same ValueError naming ``checkpoint_dir`` and none is left waiting."""
+        :meth:`CheckpointStorage.check_writable`), then removes what killed writes left there (see
+        :meth:`remove_leftovers`); under DDP one broadcast gives every rank its verdict, so all ranks raise
+        the same ValueError naming ``checkpoint_dir``, none is left waiting, and none writes before the
+        leftovers are gone."""
         if self.storage is None:
             return
         problem: str | None = None
@@ -222,12 +224,32 @@ class Checkpointer:
                 self.storage.check_writable()
             except ValueError as exc:
                 problem = str(exc)
+            else:
+                self.remove_leftovers()
         if self.dist.enabled:
             verdict = [problem]
             torch.distributed.broadcast_object_list(verdict, src=0)
             problem = verdict[0]
         if problem is not None:
             raise ValueError(problem if self.dist.is_main else f"{problem} (found by rank 0)")
+
+    def remove_leftovers(self) -> list[str]:
+        """Delete the hidden temporary files (and sharded directories) that killed writes left in
+        ``checkpoint_dir``, trainkit's own names only (:meth:`CheckpointStorage.remove_temporaries`), with
+        one WARNING naming them; nothing is logged when there are none. Returns their locations. A failure
+        to remove is a warning too: leftovers are never read."""
+        assert self.storage is not None
+        try:
+            removed = self.storage.remove_temporaries()
+        except Exception as exc:
+            log.warning("trainkit: could not remove the temporary files in %s: %s", self.storage.url, exc)
+            return []
+        if removed:
+            log.warning(
+                "trainkit: removed %d temporary file(s) that interrupted checkpoint writes left behind: %s",
+                len(removed), ", ".join(removed),
+            )  # fmt: skip
+        return removed
 
     def close(self) -> BaseException | None:
         """Wait for an asynchronous write in flight; returns its failure, if any, for fit to raise."""

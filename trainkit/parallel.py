@@ -124,7 +124,12 @@ class DDP(SingleProcess):
             device_ids=[device] if device.type == "cuda" else None,
             find_unused_parameters=self.config.find_unused_parameters,
         )
-        return self.wrapper  # type: ignore[no-any-return]
+        # Not the wrapper itself: a caller that kept it would keep its reducer, and so the process group,
+        # alive past close(): gloo's threads would then run into interpreter exit (see distributed.py).
+        return self._forward
+
+    def _forward(self, batch: Any, batch_idx: int) -> Any:
+        return self.wrapper(batch, batch_idx)
 
     def no_sync(self) -> contextlib.AbstractContextManager[Any]:
         return self.wrapper.no_sync()  # type: ignore[no-any-return]
