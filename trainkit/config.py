@@ -268,6 +268,30 @@ def check_fit_args(
             raise TypeError(f"ckpt_path={ckpt_path!r} is not valid; expected a path, URL or 'last'")
         if ckpt_path == "last" and cfg.checkpoint_dir is None:
             raise ValueError("ckpt_path='last' needs checkpoint_dir; checkpoint_dir=None was given")
+    check_log_dir(cfg.log_dir)
+
+
+def check_log_dir(log_dir: Any) -> None:
+    """``log_dir`` at the start of fit, before any step: the event file is made only at the first write (a
+    log step or an evaluation), so a directory that cannot be made would otherwise fail only then, with all
+    the steps before it lost. ValueError naming ``log_dir`` when it is an existing file, lies under one, or
+    its nearest existing directory cannot be written. Creates nothing."""
+    if log_dir is None:
+        return
+    given = os.fspath(log_dir)
+    existing = os.path.abspath(given)
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        problem = f"{existing!r} is an existing file, not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"no permission to write in {existing!r}"
+    else:
+        return
+    raise ValueError(
+        f"log_dir={given!r} is not valid: {problem}; expected a directory that can be made or written "
+        "(TensorBoard event files and metrics.jsonl), or None to log nothing"
+    )
 
 
 def check_eval_args(module: Any, loader: Any, sets: bool = True) -> None:
