@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from .data import batch_size_of, move_to_device
 from .distributed import DistContext
@@ -205,6 +206,13 @@ def loader_sets(param: str, value: Any) -> list[tuple[str, Any]]:
             raise TypeError(
                 f"{param}={value!r} is not valid; expected an iterable of batches (a DataLoader), or a mapping "
                 "of set names to them"
+            )
+        if isinstance(value, (list, tuple)) and any(isinstance(v, DataLoader) for v in value):
+            # Lightning's list of validation loaders: each DataLoader would reach the step as a "batch".
+            raise TypeError(
+                f"{param} is a {type(value).__name__} of {len(value)} loaders, which is not valid; expected one "
+                "loader, or a mapping of set names to loaders such as {'set0': loader_a, 'set1': loader_b} "
+                "(Lightning numbers a list of loaders; trainkit names the sets: val_<set>_<metric>)"
             )
         return [("", value)]
     if not value:
