@@ -3,10 +3,14 @@ found on and names what the contract (API.md, README) promises."""
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 
 import pytest
+import torch
 from helpers import TinyClassifier, make_data, make_loader, quiet
+from torch.utils.data import DataLoader, IterableDataset
 
 import trainkit as tk
 
@@ -71,3 +75,62 @@ def test_a_list_of_batches_is_still_a_loader():
     batches = [make_data(8, seed=s).tensors for s in (1, 2)]
     metrics = tk.Trainer(**quiet()).validate(TinyClassifier(), batches)
     assert sorted(metrics) == ["val_acc", "val_loss"]
+
+
+# -- save_last holds the final state also when the pass end shows only at the next fetch -------------------
+
+
+class Stream(IterableDataset):
+    """16 samples, no __len__: the end of a pass shows only when the next batch is asked for."""
+
+    def __iter__(self):
+        x, y = make_data(16).tensors
+        yield from zip(x, y)
+
+
+def test_save_last_rewrites_a_final_step_saved_before_its_pass_turned_out_complete():
+    """Epoch mode, a loader without len(), max_epochs=2, save_interval=4 (the last batch of each pass): the
+    regular save of step 8 happens before the iterator says the pass is over; then the pass closes, the
+    epoch-2 evaluation runs and fit ends at max_epochs. save_last skipped "the step just saved", so the run's
+    final file held epoch 1 mid-pass and one evaluation, and resuming the finished run re-ran the last
+    evaluation (hooks, metrics.jsonl, maybe best.ckpt) instead of doing nothing."""
+    events: list = []
+
+    class Watch(tk.Callback):
+        def on_eval_end(self, trainer, module, metrics):
+            events.append(("eval", trainer.global_step))
+
+        def on_epoch_end(self, trainer, module):
+            events.append(("epoch_end", trainer.current_epoch))
+
+    def fit(ckpt_path=None):
+        trainer = tk.Trainer(max_epochs=2, save_interval=4, save_last=True, checkpoint_dir="ckpts", log_dir="runs",
+                             progress_bar=False, callbacks=[Watch()])  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return trainer.fit(TinyClassifier(), DataLoader(Stream(), batch_size=4), make_loader(8),
+                               ckpt_path=ckpt_path)  # fmt: skip
+
+    result = fit()
+    assert (result.global_step, result.epoch, result.stop_reason) == (8, 2, "max_epochs")
+    assert events == [("eval", 4), ("epoch_end", 1), ("eval", 8), ("epoch_end", 2)]
+    final = tk.load_checkpoint(os.path.join("ckpts", "step_000000008.ckpt"))["trainer"]
+    assert (final["global_step"], final["epoch"], final["batch_in_epoch"]) == (8, 2, 0)
+    assert [r["step"] for r in final["history"]] == [4, 8]
+
+    events.clear()
+    resumed = fit("last")
+    assert (resumed.global_step, resumed.epoch, resumed.stop_reason) == (8, 2, "max_epochs")
+    assert events == []  # nothing ran again
+    with open(os.path.join("runs", "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [4, 8]
+    assert [r["step"] for r in resumed.history] == [4, 8]
+
+
+def test_without_save_last_the_regular_file_is_not_rewritten():
+    trainer = tk.Trainer(**quiet(max_epochs=2, save_interval=4, checkpoint_dir="ckpts"))
+    trainer.fit(TinyClassifier(), DataLoader(Stream(), batch_size=4))
+    assert sorted(os.listdir("ckpts")) == ["step_000000004.ckpt", "step_000000008.ckpt"]
+    state = tk.load_checkpoint(os.path.join("ckpts", "step_000000008.ckpt"))["trainer"]
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 4)  # as saved at step 8, before the pass closed
+    assert torch.is_tensor(state["rng"]["torch"])

@@ -346,6 +346,7 @@ class Trainer:
 
     def _close_pass(self) -> None:
         self._loop_state.close_pass()
+        self._checkpointer.last_saved_step = None  # a pass found over after this step's save: the file is stale
         for scheduler in self._epoch_schedulers:
             scheduler.step()
 
