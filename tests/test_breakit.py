@@ -134,3 +134,15 @@ def test_without_save_last_the_regular_file_is_not_rewritten():
     state = tk.load_checkpoint(os.path.join("ckpts", "step_000000008.ckpt"))["trainer"]
     assert (state["epoch"], state["batch_in_epoch"]) == (1, 4)  # as saved at step 8, before the pass closed
     assert torch.is_tensor(state["rng"]["torch"])
+
+
+# -- the fit-start warnings ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", ["early_stop", "monitor"])
+def test_an_empty_early_stop_or_monitor_dict_without_a_val_loader_warns_too(setting):
+    """``early_stop={}`` is early stopping with every default (target val_loss, patience 10): the warning that
+    it does nothing without a val_loader was keyed on the dict's truth value and stayed silent."""
+    with pytest.warns(UserWarning, match=rf"^{setting}=\{{\}} has no effect without a val_loader") as record:
+        tk.Trainer(**quiet(max_steps=2, **{setting: {}})).fit(TinyClassifier(), make_loader())
+    assert len([w for w in record if "no effect without a val_loader" in str(w.message)]) == 1
