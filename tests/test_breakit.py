@@ -146,3 +146,18 @@ def test_an_empty_early_stop_or_monitor_dict_without_a_val_loader_warns_too(sett
     with pytest.warns(UserWarning, match=rf"^{setting}=\{{\}} has no effect without a val_loader") as record:
         tk.Trainer(**quiet(max_steps=2, **{setting: {}})).fit(TinyClassifier(), make_loader())
     assert len([w for w in record if "no effect without a val_loader" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("shape", ["dict", "list"])
+def test_a_mapping_or_list_of_train_loaders_is_a_pointed_error_before_any_step(shape):
+    """A dict was iterated for its keys (training_step got a string); a list of DataLoaders handed each
+    DataLoader to training_step as a batch. Both now fail at fit start, naming train_loader."""
+    loaders = {"a": make_loader(16), "b": make_loader(8)}
+    train = loaders if shape == "dict" else list(loaders.values())
+    task = Counting()
+    with pytest.raises(
+        TypeError, match=r"^train_loader is a (dict|list) of loaders.*expected one loader"
+    ) as info:
+        tk.Trainer(**quiet(max_steps=2)).fit(task, train)
+    assert type(train).__name__ in str(info.value)
+    assert task.steps == 0

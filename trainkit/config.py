@@ -244,7 +244,7 @@ def check_fit_args(
     from collections.abc import Iterable
 
     from .data import exact_length
-    from .evaluation import loader_sets
+    from .evaluation import is_list_of_loaders, loader_sets
     from .module import TaskModule  # here: the module imports the callbacks, which need no config
 
     if unknown:
@@ -259,6 +259,11 @@ def check_fit_args(
         raise TypeError(f"module={type(module).__name__} is not valid; expected a trainkit.TaskModule")
     if not isinstance(train, Iterable):
         raise TypeError(f"train_loader={train!r} is not valid; expected an iterable of batches (a DataLoader)")
+    if isinstance(train, Mapping) or is_list_of_loaders(train):
+        raise TypeError(
+            f"train_loader is a {type(train).__name__} of loaders, which is not valid; expected one loader (an "
+            "iterable of batches): trainkit trains on one loader (only val_loader/test_loader take a mapping)"
+        )
     loader_sets("val_loader", val)  # a loader, or a mapping of named sets: checked here, before any step
     loader_sets("test_loader", test)
     if exact_length(train) == 0:  # len() is only a hint: believed here only where torch guarantees it
