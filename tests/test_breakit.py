@@ -69,6 +69,10 @@ def test_a_list_of_loaders_is_a_pointed_error_before_any_step(where):
     assert task.steps == 0
     with pytest.raises(TypeError, match=r"^loader is a tuple of 2 loaders"):
         trainer.validate(task, (make_loader(16), make_loader(8)))
+    with pytest.raises(
+        TypeError, match=r"predict takes one loader \(an iterable of batches\), not a list of loaders"
+    ):
+        trainer.predict(task, [make_loader(16), make_loader(8)])
 
 
 def test_a_list_of_batches_is_still_a_loader():

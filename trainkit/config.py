@@ -302,7 +302,7 @@ def check_log_dir(log_dir: Any) -> None:
 def check_eval_args(module: Any, loader: Any, sets: bool = True) -> None:
     """The live arguments of ``Trainer.validate``/``test`` (``loader``: a loader or a mapping of named
     sets) and ``predict`` (``sets=False``: one loader)."""
-    from .evaluation import loader_sets
+    from .evaluation import is_list_of_loaders, loader_sets
     from .module import TaskModule
 
     if not isinstance(module, TaskModule):
@@ -311,9 +311,10 @@ def check_eval_args(module: Any, loader: Any, sets: bool = True) -> None:
         raise TypeError(
             "loader=None is not valid; expected an iterable of batches or a mapping of set names to them"
         )
-    if not sets and isinstance(loader, Mapping):
+    if not sets and (isinstance(loader, Mapping) or is_list_of_loaders(loader)):
         raise TypeError(
-            f"loader={loader!r} is not valid; predict takes one loader (an iterable of batches), not a mapping"
+            f"loader={loader!r} is not valid; predict takes one loader (an iterable of batches), not a "
+            f"{type(loader).__name__} of loaders"
         )
     loader_sets("loader", loader)
 
