@@ -165,3 +165,29 @@ def test_a_mapping_or_list_of_train_loaders_is_a_pointed_error_before_any_step(s
         tk.Trainer(**quiet(max_steps=2)).fit(task, train)
     assert type(train).__name__ in str(info.value)
     assert task.steps == 0
+
+
+# -- a resume after the run concluded writes nothing ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "early_stop"])
+def test_resuming_a_concluded_run_writes_no_log_file(stop):
+    """README (Resume): after max_steps/max_epochs, early_stop or non_finite a resume "takes no step and writes
+    nothing". It wrote a new TensorBoard event file (the hparams of a fit that never evaluated)."""
+
+    class Flat(TinyClassifier):
+        def validation_step(self, batch, batch_idx):
+            return {"loss": torch.tensor(1.0)}
+
+    def fit(ckpt_path=None):
+        trainer = tk.Trainer(run_mode="step", max_steps=8, eval_interval=2, save_interval=2,
+                             early_stop={"patience": 2} if stop == "early_stop" else None,
+                             checkpoint_dir="ckpts", log_dir="runs", progress_bar=False)  # fmt: skip
+        return trainer.fit(Flat(), make_loader(), make_loader(16), ckpt_path=ckpt_path)
+
+    first = fit()
+    assert (first.stop_reason, first.global_step) == ((stop, 6) if stop == "early_stop" else (stop, 8))
+    before = {name: os.path.getmtime(os.path.join("runs", name)) for name in os.listdir("runs")}
+    again = fit("last")
+    assert (again.stop_reason, again.global_step) == (first.stop_reason, first.global_step)
+    assert {name: os.path.getmtime(os.path.join("runs", name)) for name in os.listdir("runs")} == before
