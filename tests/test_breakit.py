@@ -7,12 +7,15 @@ import json
 import os
 import warnings
 
+import fsspec
 import pytest
 import torch
+from fsspec.implementations.memory import MemoryFileSystem
 from helpers import TinyClassifier, make_data, make_loader, quiet
 from torch.utils.data import DataLoader, IterableDataset
 
 import trainkit as tk
+from trainkit.checkpoint import CheckpointReadError, CheckpointStorage
 
 
 class Counting(TinyClassifier):
@@ -191,3 +194,90 @@ def test_resuming_a_concluded_run_writes_no_log_file(stop):
     again = fit("last")
     assert (again.stop_reason, again.global_step) == (first.stop_reason, first.global_step)
     assert {name: os.path.getmtime(os.path.join("runs", name)) for name in os.listdir("runs")} == before
+
+
+# -- a store that fails while "last" is resolved: an error, not a silent step back -----------------------------
+
+
+class FlakyMemory(MemoryFileSystem):
+    """memory:// whose reads of one file fail once with ``error`` (as a store's client raises them): a fault
+    of the store, not of the file's contents."""
+
+    protocol = "flakymem"
+    fail_name: str | None = None
+    error: Exception | None = None
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        if FlakyMemory.fail_name is not None and path.endswith(FlakyMemory.fail_name):
+            FlakyMemory.fail_name = None
+            raise FlakyMemory.error  # type: ignore[misc]
+        return super().cat_file(path, start=start, end=end, **kwargs)
+
+
+@pytest.fixture
+def flaky_store(tmp_path):
+    fsspec.register_implementation("flakymem", FlakyMemory, clobber=True)
+    root = f"flakymem://{tmp_path.name}/run"
+    yield root
+    FlakyMemory.fail_name = None
+    fs = FlakyMemory()
+    if fs.exists(f"/{tmp_path.name}"):
+        fs.rm(f"/{tmp_path.name}", recursive=True)
+
+
+def _store_errors() -> list[Exception]:
+    errors: list[Exception] = [ConnectionResetError(104, "Connection reset by peer")]
+    try:
+        from botocore.exceptions import EndpointConnectionError
+    except ImportError:
+        return errors
+    return errors + [EndpointConnectionError(endpoint_url="http://127.0.0.1:9")]
+
+
+@pytest.mark.parametrize("error", _store_errors(), ids=lambda e: type(e).__name__)
+def test_a_store_failure_while_resolving_last_raises_instead_of_taking_an_older_file(flaky_store, error):
+    """A reset while probing the newest checkpoint was reported as "skips a damaged checkpoint ... could not
+    be read" and fit resumed from the one before it, its steps silently dropped; a store client's own error
+    (botocore's) escaped raw, naming no file."""
+    first = tk.Trainer(**quiet(run_mode="step", max_steps=4, save_interval=2, checkpoint_dir=flaky_store))
+    first.fit(TinyClassifier(), make_loader())
+    FlakyMemory.fail_name, FlakyMemory.error = "step_000000004.ckpt", error
+    task = Counting()
+    again = tk.Trainer(**quiet(run_mode="step", max_steps=6, save_interval=2, checkpoint_dir=flaky_store))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "skips a damaged checkpoint"
+        with pytest.raises(CheckpointReadError) as info:
+            again.fit(task, make_loader(), ckpt_path="last")
+    assert str(info.value).startswith(f"checkpoint '{flaky_store}/step_000000004.ckpt' could not be read: ")
+    assert type(error).__name__ in str(info.value)
+    assert task.steps == 0
+    assert CheckpointStorage(flaky_store).names() == ["step_000000002.ckpt", "step_000000004.ckpt"]
+    # Once the store answers again, "last" is the newest file.
+    resumed = tk.Trainer(**quiet(run_mode="step", max_steps=6, save_interval=2, checkpoint_dir=flaky_store))
+    assert resumed.fit(Counting(), make_loader(), ckpt_path="last").global_step == 6
+
+
+@pytest.mark.parametrize("error", _store_errors(), ids=lambda e: type(e).__name__)
+def test_load_checkpoint_names_the_file_when_the_store_fails(flaky_store, error):
+    tk.Trainer(**quiet(max_steps=2, save_interval=2, checkpoint_dir=flaky_store)).fit(
+        TinyClassifier(), make_loader()
+    )
+    FlakyMemory.fail_name, FlakyMemory.error = "step_000000002.ckpt", error
+    with pytest.raises(
+        CheckpointReadError, match=r"^checkpoint '.*/step_000000002.ckpt' could not be read: "
+    ):
+        tk.load_checkpoint(f"{flaky_store}/step_000000002.ckpt")
+
+
+def test_a_damaged_newest_file_is_still_skipped_for_the_older_one(flaky_store):
+    tk.Trainer(**quiet(run_mode="step", max_steps=4, save_interval=2, checkpoint_dir=flaky_store)).fit(
+        TinyClassifier(), make_loader()
+    )
+    storage = CheckpointStorage(flaky_store)
+    path = storage.path("step_000000004.ckpt")
+    storage.fs.pipe_file(path, bytes(len(storage.fs.cat_file(path))))  # zeroed: damaged contents
+    with pytest.warns(RuntimeWarning, match="skips a damaged checkpoint"):
+        result = tk.Trainer(**quiet(run_mode="step", max_steps=2, checkpoint_dir=flaky_store)).fit(
+            TinyClassifier(), make_loader(), ckpt_path="last"
+        )
+    assert result.global_step == 2  # resumed from step 2, which is max_steps: no step

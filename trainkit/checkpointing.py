@@ -38,6 +38,7 @@ from .checkpoint import (
     KEY_TRAINER,
     AsyncWriter,
     CheckpointError,
+    CheckpointReadError,
     CheckpointStorage,
     complete_checkpoints,
     load_checkpoint,
@@ -347,6 +348,8 @@ class Checkpointer:
         for name, step in complete_checkpoints(storage):
             try:
                 checkpoint = storage.read(name)
+            except CheckpointReadError:
+                raise  # the store failed, the file may be fine: never fall back to an older one for that
             except CheckpointError as exc:
                 message = f"trainkit: ckpt_path='last' skips a damaged checkpoint: {exc}"
                 log.warning(message)
