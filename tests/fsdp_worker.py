@@ -1,0 +1,189 @@
+"""One rank of an FSDP test run; tests/test_fsdp.py launches it and asserts on what it writes.
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/fsdp_worker.py parts OUT_DIR
+
+``parts``: trainkit.fsdp's pieces in a hand-written loop (the same loop the Trainer runs), next to the
+same loop under DDP, from the same seed and data. Each rank saves a ``torch.save`` file of plain data.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+import trainkit as tk
+from trainkit.distributed import average_gradients
+from trainkit.ema import EMA
+from trainkit.fsdp import FSDPParallel, local_numel
+
+torch.set_num_threads(1)
+
+FEATURES, HIDDEN, CLASSES = 8, 12, 3
+BATCH = 4  # per rank
+
+
+class Block(torch.nn.Module):
+    """A residual MLP block; its first layer's weight has 7 rows: shards of 4 and 3 on two ranks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(HIDDEN, 7)
+        self.down = torch.nn.Linear(7, HIDDEN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.tanh(self.up(x)))
+
+
+class Net(tk.TaskModule):
+    """Embedding layer, two Blocks, a 3-row head, and a one-element scale (rank 1's shard of it is empty)."""
+
+    fsdp_units = (Block,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(FEATURES, HIDDEN)
+        self.blocks = torch.nn.Sequential(Block(), Block())
+        self.head = torch.nn.Linear(HIDDEN, CLASSES)
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.inp(x))) * self.scale
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch
+        return {"loss": F.cross_entropy(self(x), y)}
+
+
+class StepForward(torch.nn.Module):
+    """DDP's forward routed to training_step, as the trainer does."""
+
+    def __init__(self, task: tk.TaskModule) -> None:
+        super().__init__()
+        self.task = task
+
+    def forward(self, batch: Any, batch_idx: int) -> Any:
+        return self.task.training_step(batch, batch_idx)
+
+
+def global_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(123)
+    return [(torch.randn(2 * BATCH, FEATURES, generator=g), torch.randint(0, CLASSES, (2 * BATCH,), generator=g))
+            for _ in range(n)]  # fmt: skip
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def train(strategy: str, boundaries: list[bool], finish_unannounced: bool, length_known: bool = True) -> dict:
+    """One pass of ``len(boundaries)`` micro-steps; a step after each boundary, and (when
+    ``finish_unannounced``) one more after the trailing micro-steps, as the trainer does at a pass end."""
+    rank = dist.get_rank()
+    torch.manual_seed(100 + rank)  # every rank initialises differently: the wrap must give rank 0's weights
+    model = Net()
+    if strategy == "fsdp":
+        par = FSDPParallel(pass_length_known=length_known)
+        par.wrap(model, ema=True)
+        ema = EMA(model, 0.9, shadow=par.ema_shadow)
+        forward = par.forward()
+    else:
+        ddp = DistributedDataParallel(StepForward(model))
+        ema = EMA(model, 0.9)
+        forward = ddp
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    accumulate = 2
+    norms: list[float] = []
+    grad_numel: list[int] = []
+
+    def step() -> None:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grad_numel.append(local_numel(grads))
+        norm = par.clip(list(model.parameters()), 0.3) if strategy == "fsdp" else torch.nn.utils.clip_grad_norm_(
+            list(model.parameters()), 0.3)  # fmt: skip
+        norms.append(float(norm))
+        optimizer.step()
+        ema.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    for idx, (x, y) in enumerate(global_batches(len(boundaries))):
+        batch = (x[rank * BATCH : (rank + 1) * BATCH], y[rank * BATCH : (rank + 1) * BATCH])
+        boundary = boundaries[idx]
+        if strategy == "fsdp":
+            ctx: Any = par.step_context(boundary)
+        else:
+            ctx = ddp.no_sync() if not boundary else torch.enable_grad()
+        with ctx:
+            loss = forward(batch, idx) / accumulate
+            loss.backward()
+        if boundary:
+            step()
+    if finish_unannounced:
+        if strategy == "fsdp":
+            par.finish_accumulation()
+        else:
+            average_gradients(list(ddp.parameters()))
+        step()
+    with torch.no_grad():
+        x, y = global_batches(1)[0]
+        val = float(model.validation_step((x, y), 0)["loss"])
+        ema_val = float(ema.module.validation_step((x, y), 0)["loss"])
+    out: dict[str, Any] = {
+        "params": {n: full(p) for n, p in model.named_parameters()},
+        "ema": {n: full(p) for n, p in ema.module.named_parameters()},
+        "norms": norms,
+        "val": val,
+        "ema_val": ema_val,
+    }
+    if strategy == "fsdp":
+        out["local_params"] = {n: p.to_local().numel() for n, p in model.named_parameters()}
+        out["local_ema"] = {n: p.to_local().numel() for n, p in ema.module.named_parameters()}
+        out["grad_numel"] = grad_numel
+        opt_state = par.optimizer_state(optimizer)
+        out["opt_keys"] = sorted(opt_state["state"])
+        out["local_opt"] = {n: {k: v.to_local().numel() for k, v in s.items() if isinstance(v, DTensor)}
+                            for n, s in opt_state["state"].items()}  # fmt: skip
+        out["model_keys"] = sorted(par.model_state())
+        out["all_dtensor"] = all(isinstance(v, DTensor) for v in par.model_state().values())
+        out["fsdp_root"] = type(model).__mro__[1].__name__
+    return out
+
+
+def parts(out_dir: Path) -> None:
+    rank = dist.get_rank()
+    results: dict[str, Any] = {}
+    # 5 micro-steps, accumulation 2: steps after 2, 4, and the pass end at 5 announced (known length)
+    announced = [False, True, False, True, True]
+    # the same micro-steps, but the pass ended after the 5th without warning
+    unannounced = [False, True, False, True, False]
+    for strategy in ("ddp", "fsdp"):
+        results[f"{strategy}_announced"] = train(strategy, announced, False)
+        results[f"{strategy}_unannounced"] = train(strategy, unannounced, True)
+    results["fsdp_no_length"] = train("fsdp", unannounced, True, length_known=False)
+    torch.save(results, out_dir / f"parts_rank{rank}.pt")
+
+
+def main() -> None:
+    faulthandler.dump_traceback_later(int(os.environ.get("FSDP_WORKER_TIMEOUT", "200")), exit=True)
+    scenario, out_dir = sys.argv[1], Path(sys.argv[2])
+    dist.init_process_group("gloo")
+    try:
+        {"parts": parts}[scenario](out_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Everything FSDP-specific behind ``Trainer(distributed=True, strategy="fsdp")``: PyTorch's FSDP2
+(``torch.distributed.fsdp.fully_shard``).
+
+What each piece does and why:
+
+- ``resolve_units`` / ``shard_module``: rank 0's weights are broadcast first (as DDP does, so ranks that
+  initialised differently still train one model), then every instance of each ``fsdp_units`` class is
+  sharded bottom-up, then the root. The root's all-gather/free hooks run around ``training_step``,
+  ``validation_step``, ``test_step`` and ``predict_step`` (``register_fsdp_forward_method``): trainkit
+  calls those, not ``forward``.
+- ``sharded_ema_shadow``: the EMA's shadow is a second copy of the model, made before sharding (a sharded
+  module cannot be deep-copied) and sharded exactly like it, so each rank's shadow shard pairs with its
+  live shard and ``EMA.update`` is a local ``_foreach_lerp_`` on the local shards: no communication.
+- ``clip_grad_norm``: ``torch.nn.utils.clip_grad_norm_`` over the DTensor gradients is the 2-norm over all
+  shards (one all-reduce of the squared local norms).
+- ``model_state`` / ``optimizer_state`` (and their ``load_*``): sharded DTensor state dicts from
+  ``torch.distributed.checkpoint.state_dict``, the optimizer's keyed by parameter name, so DCP can load
+  them into another world size.
+- ``FSDPParallel``: the trainer's "how this run is parallel" piece for FSDP, built from the above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+from .distributed import GroupVote, StopVote
+
+FORWARD_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
+_SHARDED = StateDictOptions(full_state_dict=False, cpu_offload=False)
+
+
+def resolve_units(module: torch.nn.Module, fsdp_units: Any = None) -> tuple[type[torch.nn.Module], ...]:
+    """The classes whose instances become shard units: ``fsdp_units``, else ``type(module).fsdp_units``,
+    else none (the root alone).
+
+    Raises:
+        TypeError: an entry is not a ``torch.nn.Module`` subclass.
+        ValueError: a class matches no submodule of ``module`` (the message names ``fsdp_units``).
+    """
+    source = "fsdp_units" if fsdp_units is not None else f"{type(module).__name__}.fsdp_units"
+    units = fsdp_units if fsdp_units is not None else getattr(type(module), "fsdp_units", None)
+    if units is None:
+        return ()
+    units = (units,) if isinstance(units, type) else tuple(units)
+    for unit in units:
+        if not (isinstance(unit, type) and issubclass(unit, torch.nn.Module)):
+            raise TypeError(f"{source}={units!r} is not valid: {unit!r} is not a torch.nn.Module subclass; "
+                            "expected a tuple of module classes, e.g. (Block,)")  # fmt: skip
+    submodules = [m for m in module.modules() if m is not module]
+    for unit in units:
+        if not any(isinstance(m, unit) for m in submodules):
+            raise ValueError(
+                f"{source}={tuple(u.__name__ for u in units)}: {unit.__name__} matches no submodule of "
+                f"{type(module).__name__}; expected classes of its submodules (e.g. its transformer blocks)"
+            )
+    return units
+
+
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    """``"bf16-mixed"``: parameters gathered and computed in bf16, gradients reduced in fp32, the sharded
+    master weights and optimizer state stay fp32. ``"32"``: no casting."""
+    if precision == "bf16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if precision == "32":
+        return MixedPrecisionPolicy()
+    raise ValueError(f"precision={precision!r} is not supported with strategy='fsdp'; expected '32' or 'bf16-mixed'")
+
+
+@torch.no_grad()
+def broadcast_from_rank0(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers (before sharding), as DDP's constructor does."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
+def shard_module(
+    module: torch.nn.Module, units: Sequence[type[torch.nn.Module]], mp_policy: MixedPrecisionPolicy
+) -> torch.nn.Module:
+    """``fully_shard`` every instance of ``units`` (innermost first), then ``module``; in place.
+
+    The module's parameters become ``DTensor`` shards (dim 0 split as ``torch.chunk`` does, so a first
+    dimension that does not divide by the world size gives uneven shards). Optimizers must be built
+    afterwards, from these parameters.
+    """
+    targets = [m for m in module.modules() if m is not module and isinstance(m, tuple(units))]
+    for target in reversed(targets):  # reversed pre-order: a nested unit is sharded before its parent
+        fully_shard(target, mp_policy=mp_policy)
+    fully_shard(module, mp_policy=mp_policy)
+    for name in FORWARD_METHODS:
+        if callable(getattr(module, name, None)):
+            register_fsdp_forward_method(module, name)
+    return module
+
+
+def sharded_ema_shadow(
+    module: torch.nn.Module, units: Sequence[type[torch.nn.Module]], mp_policy: MixedPrecisionPolicy
+) -> torch.nn.Module:
+    """A copy of the still unsharded ``module``, frozen, in eval mode and sharded like it will be."""
+    if isinstance(module, FSDPModule):
+        raise TypeError("sharded_ema_shadow needs the module before fully_shard (a sharded module cannot be copied)")
+    shadow = copy.deepcopy(module).eval()
+    shadow.requires_grad_(False)
+    return shard_module(shadow, units, mp_policy)
+
+
+def local_numel(tensors: Iterable[torch.Tensor]) -> int:
+    """Elements this rank holds of ``tensors`` (a DTensor counts its local shard only)."""
+    return sum((t.to_local() if isinstance(t, DTensor) else t).numel() for t in tensors)
+
+
+def clip_grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the sharded gradients in place to a total 2-norm of ``max_norm`` over all shards of all ranks;
+    returns that norm before clipping (a plain 0-d tensor, equal on every rank)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def model_state(module: torch.nn.Module) -> dict[str, Any]:
+    """The module's state dict as sharded DTensors (the live parameters themselves: DCP loads in place)."""
+    return get_model_state_dict(module, options=_SHARDED)
+
+
+def load_model_state(module: torch.nn.Module, state: dict[str, Any]) -> None:
+    set_model_state_dict(module, state, options=_SHARDED)
+
+
+def optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state dict keyed by parameter name (not position), each state tensor a DTensor
+    shard; an optimizer that has not stepped yet gets its state initialised first, so that the dict is
+    a template DCP can load into."""
+    return get_optimizer_state_dict(module, optimizer, options=_SHARDED)
+
+
+def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    set_optimizer_state_dict(module, optimizer, state, options=_SHARDED)
+
+
+class FSDPParallel:
+    """The FSDP2 side of the trainer's parallel seam.
+
+    Order of use: ``wrap`` (before the optimizer is built: FSDP replaces the parameters), then the
+    optimizer from ``module.parameters()``; per micro-step ``step_context(boundary)`` around forward and
+    backward; ``finish_accumulation()`` when a pass ends in the middle of an accumulation; ``clip`` before
+    ``optimizer.step()``.
+
+    Accumulation: with a loader whose length is known, micro-steps run without gradient reduction
+    (``set_requires_gradient_sync(False)``; each rank keeps its unsharded gradient sum) and the boundary
+    step reduce-scatters the sum. Without a length the end of a pass is only known after its last batch,
+    and FSDP2 has no public call to reduce gradients held back, so there every micro-step reduce-scatters
+    (the same mean, a little more communication, less memory).
+    """
+
+    checkpoint_format = "dcp"
+
+    def __init__(
+        self,
+        fsdp_units: Any = None,
+        precision: str = "32",
+        *,
+        pass_length_known: bool = True,
+    ) -> None:
+        self.fsdp_units = fsdp_units
+        self.mp_policy = mixed_precision_policy(precision)
+        self.pass_length_known = pass_length_known
+        self.module: torch.nn.Module | None = None
+        self.ema_shadow: torch.nn.Module | None = None
+        self.units: tuple[type[torch.nn.Module], ...] = ()
+        self._held_back = False  # micro-steps ran without reduction since the last boundary
+
+    # -- wrapping ------------------------------------------------------------------------------------
+
+    def wrap(self, module: torch.nn.Module, *, ema: bool = False) -> torch.nn.Module:
+        """Broadcast rank 0's weights, make the EMA shadow if asked (``self.ema_shadow``), shard both."""
+        self.units = resolve_units(module, self.fsdp_units)
+        broadcast_from_rank0(module)
+        if ema:
+            self.ema_shadow = sharded_ema_shadow(module, self.units, self.mp_policy)
+        self.module = shard_module(module, self.units, self.mp_policy)
+        return module
+
+    def forward(self) -> Any:
+        """The callable the loop calls as ``forward(batch, batch_idx)``: the (hooked) ``training_step``."""
+        assert self.module is not None
+        return self.module.training_step
+
+    def stop_vote(self, flags: Any) -> StopVote:
+        """Stop flags in an all-reduce on a gloo side group (there is no DDP bucket to carry them)."""
+        return GroupVote(dist.new_group(backend="gloo"), flags)
+
+    # -- accumulation ----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def step_context(self, boundary: bool) -> Iterator[None]:
+        """Around one micro-step's forward and backward: reduction only on the boundary (or always when
+        the pass length is unknown)."""
+        root = self._root()
+        sync = boundary or not self.pass_length_known
+        if not sync:
+            root.set_requires_gradient_sync(False)
+            self._held_back = True
+        try:
+            yield
+        finally:
+            if not sync:
+                root.set_requires_gradient_sync(True)
+            else:
+                self._held_back = False
+
+    def finish_accumulation(self) -> None:
+        """A pass ended inside an accumulation. Its micro-steps were reduced as they ran unless the loader
+        announced a length and then yielded fewer batches: there the held-back sums are reduced now."""
+        if self._held_back:
+            reduce_held_back_gradients(self._root())
+            self._held_back = False
+
+    # -- optimizer step --------------------------------------------------------------------------------
+
+    def clip(self, params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        return clip_grad_norm(params, max_norm)
+
+    # -- state -----------------------------------------------------------------------------------------
+
+    def model_state(self) -> dict[str, Any]:
+        return model_state(self._root())
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        load_model_state(self._root(), state)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer_state(self._root(), optimizer)
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        load_optimizer_state(self._root(), optimizer, state)
+
+    def after_eval(self, module: torch.nn.Module) -> None:
+        """Free the root's gathered parameters after an evaluation (no backward follows to do it)."""
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+    def _root(self) -> Any:
+        if self.module is None:
+            raise RuntimeError("FSDPParallel.wrap has not been called")
+        return self.module
+
+
+def reduce_held_back_gradients(root: torch.nn.Module) -> None:
+    """Reduce-scatter the gradient sums that micro-steps under ``set_requires_gradient_sync(False)`` left
+    unsharded on each rank, as the next synced backward would have, and leave them as the sharded grads.
+
+    FSDP2 keeps these sums on its own parameter records (no public call reduces them), so this reads them
+    there: the mean over ranks of each full gradient, then this rank's dim-0 chunk (``torch.chunk``, the
+    split FSDP2 shards by) added to the sharded parameter's gradient.
+    """
+    world = dist.get_world_size()
+    for module in root.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        for group in state._fsdp_param_groups:
+            for fsdp_param in group.fsdp_params:
+                full = fsdp_param.unsharded_accumulated_grad
+                if full is None and hasattr(fsdp_param, "_unsharded_param"):
+                    full = fsdp_param.unsharded_param.grad
+                if full is None:
+                    continue
+                fsdp_param.unsharded_accumulated_grad = None
+                if hasattr(fsdp_param, "_unsharded_param"):
+                    fsdp_param.unsharded_param.grad = None
+                full = full.detach().to(torch.float32 if group.mp_policy.reduce_dtype is None
+                                        else group.mp_policy.reduce_dtype)  # fmt: skip
+                dist.all_reduce(full)
+                full.div_(world)
+                sharded: Any = fsdp_param.sharded_param
+                chunks = torch.chunk(full, world, dim=0)
+                rank = dist.get_rank()
+                local = chunks[rank] if rank < len(chunks) else full.new_zeros((0, *full.shape[1:]))
+                local = local.to(sharded.dtype).contiguous()
+                grad = DTensor.from_local(local, sharded.device_mesh, sharded.placements,
+                                          shape=sharded.shape, stride=sharded.stride())  # fmt: skip
+                sharded.grad = grad if sharded.grad is None else sharded.grad + grad
