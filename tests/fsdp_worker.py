@@ -40,6 +40,7 @@ class Block(torch.nn.Module):
         self.down = torch.nn.Linear(7, HIDDEN)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen_dtype = self.up.weight.dtype  # the dtype it computes with (bf16 under bf16-mixed)
         return x + self.down(torch.tanh(self.up(x)))
 
 
@@ -56,6 +57,7 @@ class Net(tk.TaskModule):
         self.scale = torch.nn.Parameter(torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen_dtypes = {self.inp.weight.dtype, self.head.weight.dtype}
         return self.head(self.blocks(self.inp(x))) * self.scale
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -88,14 +90,21 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def train(strategy: str, boundaries: list[bool], finish_unannounced: bool, length_known: bool = True) -> dict:
+def train(
+    strategy: str,
+    boundaries: list[bool],
+    finish_unannounced: bool,
+    length_known: bool = True,
+    ckpt_dir: Path | None = None,
+    precision: str = "32",
+) -> dict:
     """One pass of ``len(boundaries)`` micro-steps; a step after each boundary, and (when
     ``finish_unannounced``) one more after the trailing micro-steps, as the trainer does at a pass end."""
     rank = dist.get_rank()
     torch.manual_seed(100 + rank)  # every rank initialises differently: the wrap must give rank 0's weights
     model = Net()
     if strategy == "fsdp":
-        par = FSDPParallel(pass_length_known=length_known)
+        par = FSDPParallel(precision=precision, pass_length_known=length_known)
         par.wrap(model, ema=True)
         ema = EMA(model, 0.9, shadow=par.ema_shadow)
         forward = par.forward()
@@ -107,10 +116,12 @@ def train(strategy: str, boundaries: list[bool], finish_unannounced: bool, lengt
     accumulate = 2
     norms: list[float] = []
     grad_numel: list[int] = []
+    grad_dtypes: set[str] = set()
 
     def step() -> None:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         grad_numel.append(local_numel(grads))
+        grad_dtypes.update(str(g.dtype) for g in grads)
         norm = par.clip(list(model.parameters()), 0.3) if strategy == "fsdp" else torch.nn.utils.clip_grad_norm_(
             list(model.parameters()), 0.3)  # fmt: skip
         norms.append(float(norm))
@@ -125,7 +136,8 @@ def train(strategy: str, boundaries: list[bool], finish_unannounced: bool, lengt
             ctx: Any = par.step_context(boundary)
         else:
             ctx = ddp.no_sync() if not boundary else torch.enable_grad()
-        with ctx:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+        with ctx, autocast:
             loss = forward(batch, idx) / accumulate
             loss.backward()
         if boundary:
@@ -146,6 +158,9 @@ def train(strategy: str, boundaries: list[bool], finish_unannounced: bool, lengt
         "norms": norms,
         "val": val,
         "ema_val": ema_val,
+        "compute_dtypes": sorted({str(d) for d in [*model.seen_dtypes, *(b.seen_dtype for b in model.blocks)]}),
+        "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        "grad_dtypes": grad_dtypes,
     }
     if strategy == "fsdp":
         out["local_params"] = {n: p.to_local().numel() for n, p in model.named_parameters()}
@@ -158,7 +173,43 @@ def train(strategy: str, boundaries: list[bool], finish_unannounced: bool, lengt
         out["model_keys"] = sorted(par.model_state())
         out["all_dtensor"] = all(isinstance(v, DTensor) for v in par.model_state().values())
         out["fsdp_root"] = type(model).__mro__[1].__name__
+        if ckpt_dir is not None:
+            out["restored_equal"] = dcp_round_trip(ckpt_dir, par, model, optimizer, ema, length_known)
     return out
+
+
+def dcp_round_trip(ckpt_dir: Path, par: FSDPParallel, model: Net, optimizer: Any, ema: EMA, length_known: bool) -> bool:
+    """Save model, optimizer, EMA and this rank's RNG with DCP, load them into a fresh sharded model and
+    optimizer (the state dicts as in-place templates), and compare every local shard exactly."""
+    import torch.distributed.checkpoint as dcp
+
+    rank = dist.get_rank()
+    state = {"model": par.model_state(), "optimizer": par.optimizer_state(optimizer), "ema": ema.state_dict(),
+             "rng": {f"rank{rank}": torch.get_rng_state()}}  # fmt: skip
+    dcp.save(state, checkpoint_id=str(ckpt_dir))
+    torch.manual_seed(999)
+    fresh = Net()
+    par2 = FSDPParallel(pass_length_known=length_known)
+    par2.wrap(fresh, ema=True)
+    ema2 = EMA(fresh, 0.9, shadow=par2.ema_shadow)
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=0.05, weight_decay=0.1)
+    target = {"model": par2.model_state(), "optimizer": par2.optimizer_state(opt2), "ema": ema2.state_dict(),
+              "rng": {f"rank{rank}": torch.empty_like(torch.get_rng_state())}}  # fmt: skip
+    dcp.load(target, checkpoint_id=str(ckpt_dir))
+    par2.load_model_state(target["model"])
+    par2.load_optimizer_state(opt2, target["optimizer"])
+    ema2.load_state_dict(target["ema"])
+    same = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(model.parameters(), fresh.parameters()))
+    same &= all(torch.equal(a.to_local(), b.to_local())
+                for a, b in zip(ema.module.parameters(), ema2.module.parameters()))  # fmt: skip
+    same &= ema2.num_updates == ema.num_updates
+    same &= torch.equal(target["rng"][f"rank{rank}"], state["rng"][f"rank{rank}"])
+    s1, s2 = optimizer.state_dict()["state"], opt2.state_dict()["state"]
+    for i in s1:
+        for k in s1[i]:
+            a, b = s1[i][k], s2[i][k]
+            same &= torch.equal(a.to_local() if isinstance(a, DTensor) else a, b.to_local() if isinstance(b, DTensor) else b)
+    return bool(same)
 
 
 def parts(out_dir: Path) -> None:
@@ -169,8 +220,11 @@ def parts(out_dir: Path) -> None:
     # the same micro-steps, but the pass ended after the 5th without warning
     unannounced = [False, True, False, True, False]
     for strategy in ("ddp", "fsdp"):
-        results[f"{strategy}_announced"] = train(strategy, announced, False)
+        results[f"{strategy}_announced"] = train(
+            strategy, announced, False, ckpt_dir=out_dir / "dcp" if strategy == "fsdp" else None
+        )
         results[f"{strategy}_unannounced"] = train(strategy, unannounced, True)
+    results["fsdp_bf16"] = train("fsdp", announced, False, precision="bf16-mixed")
     results["fsdp_no_length"] = train("fsdp", unannounced, True, length_known=False)
     torch.save(results, out_dir / f"parts_rank{rank}.pt")
 

@@ -137,3 +137,18 @@ def test_fsdp_units_default_and_errors() -> None:
         resolve_units(module, (torch.nn.Conv2d,))
     with pytest.raises(TypeError, match=r"fsdp_units=.*'Block' is not a torch.nn.Module subclass"):
         resolve_units(module, ("Block",))
+
+
+def test_bf16_mixed_computes_in_bf16_and_keeps_fp32_shards_and_gradients(parts: list[dict]) -> None:
+    run = parts[0]["fsdp_bf16"]
+    assert run["compute_dtypes"] == ["torch.bfloat16"]
+    assert run["param_dtypes"] == ["torch.float32"] and run["grad_dtypes"] == {"torch.float32"}
+    assert parts[0]["fsdp_announced"]["compute_dtypes"] == ["torch.float32"]
+    assert run["val"] == pytest.approx(parts[0]["fsdp_announced"]["val"], abs=0.02)  # close, not equal
+
+
+def test_sharded_state_round_trips_through_dcp_exactly(parts: list[dict]) -> None:
+    # model, optimizer, EMA (with its update count) and each rank's RNG under its own key, saved with
+    # DCP and loaded in place into a fresh sharded model and optimizer: every local shard is equal.
+    assert parts[0]["fsdp_announced"]["restored_equal"] is True
+    assert parts[1]["fsdp_announced"]["restored_equal"] is True
