@@ -105,7 +105,7 @@ def train(
     model = Net()
     if strategy == "fsdp":
         par = FSDPParallel(precision=precision, pass_length_known=length_known)
-        par.wrap(model, ema=True)
+        par.wrap(model, torch.device("cpu"), ema=True)
         ema = EMA(model, 0.9, shadow=par.ema_shadow)
         forward = par.forward()
     else:
@@ -190,7 +190,7 @@ def dcp_round_trip(ckpt_dir: Path, par: FSDPParallel, model: Net, optimizer: Any
     torch.manual_seed(999)
     fresh = Net()
     par2 = FSDPParallel(pass_length_known=length_known)
-    par2.wrap(fresh, ema=True)
+    par2.wrap(fresh, torch.device("cpu"), ema=True)
     ema2 = EMA(fresh, 0.9, shadow=par2.ema_shadow)
     opt2 = torch.optim.AdamW(fresh.parameters(), lr=0.05, weight_decay=0.1)
     target = {"model": par2.model_state(), "optimizer": par2.optimizer_state(opt2), "ema": ema2.state_dict(),

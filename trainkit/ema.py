@@ -42,7 +42,7 @@ class EMA:
     made before this one, so early averages are not dominated by the random initialisation.
 
     ``shadow``: the module to hold the average instead of a deep copy of ``model``: it must have the same
-    parameter names, and start equal to ``model``. Under FSDP (``trainkit.fsdp.sharded_ema_shadow``) it is
+    parameter names, and start equal to ``model``. Under FSDP (``trainkit.fsdp.shard_from_rank0``) it is
     sharded like ``model``: each parameter is a ``DTensor`` and the update runs on the local shards only,
     so no rank communicates.
     """

@@ -3,14 +3,16 @@
 
 What each piece does and why:
 
-- ``resolve_units`` / ``shard_module``: rank 0's weights are broadcast first (as DDP does, so ranks that
-  initialised differently still train one model), then every instance of each ``fsdp_units`` class is
-  sharded bottom-up, then the root. The root's all-gather/free hooks run around ``training_step``,
+- ``resolve_units`` / ``shard_module``: every instance of each ``fsdp_units`` class is sharded
+  bottom-up, then the root. The root's all-gather/free hooks run around ``training_step``,
   ``validation_step``, ``test_step`` and ``predict_step`` (``register_fsdp_forward_method``): trainkit
   calls those, not ``forward``.
-- ``sharded_ema_shadow``: the EMA's shadow is a second copy of the model, made before sharding (a sharded
-  module cannot be deep-copied) and sharded exactly like it, so each rank's shadow shard pairs with its
-  live shard and ``EMA.update`` is a local ``_foreach_lerp_`` on the local shards: no communication.
+- ``shard_from_rank0``: shards the whole module, then every rank takes its shard of rank 0's weights (as
+  DDP's constructor broadcasts them, so ranks that initialised differently still train one model); only
+  shards reach the device. The EMA's shadow is a second copy of the model, made before sharding (a
+  sharded module cannot be deep-copied) and sharded exactly like it, so each rank's shadow shard pairs
+  with its live shard and ``EMA.update`` is a local ``_foreach_lerp_`` on the local shards: no
+  communication.
 - ``clip_grad_norm``: ``torch.nn.utils.clip_grad_norm_`` over the DTensor gradients is the 2-norm over all
   shards (one all-reduce of the squared local norms).
 - ``model_state`` / ``optimizer_state`` (and their ``load_*``): sharded DTensor state dicts from
@@ -35,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
@@ -81,41 +84,60 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
     raise ValueError(f"precision={precision!r} is not supported with strategy='fsdp'; expected '32' or 'bf16-mixed'")
 
 
-@torch.no_grad()
-def broadcast_from_rank0(module: torch.nn.Module) -> None:
-    """Give every rank rank 0's parameters and buffers (before sharding), as DDP's constructor does."""
-    for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, src=0)
-
-
 def shard_module(
-    module: torch.nn.Module, units: Sequence[type[torch.nn.Module]], mp_policy: MixedPrecisionPolicy
+    module: torch.nn.Module,
+    units: Sequence[type[torch.nn.Module]],
+    mp_policy: MixedPrecisionPolicy,
+    mesh: DeviceMesh | None = None,
 ) -> torch.nn.Module:
     """``fully_shard`` every instance of ``units`` (innermost first), then ``module``; in place.
 
-    The module's parameters become ``DTensor`` shards (dim 0 split as ``torch.chunk`` does, so a first
-    dimension that does not divide by the world size gives uneven shards). Optimizers must be built
-    afterwards, from these parameters.
+    The module's parameters become ``DTensor`` shards on ``mesh``'s device (dim 0 split as ``torch.chunk``
+    does, so a first dimension that does not divide by the world size gives uneven shards, possibly
+    empty). Optimizers must be built afterwards, from these parameters.
     """
     targets = [m for m in module.modules() if m is not module and isinstance(m, tuple(units))]
     for target in reversed(targets):  # reversed pre-order: a nested unit is sharded before its parent
-        fully_shard(target, mp_policy=mp_policy)
-    fully_shard(module, mp_policy=mp_policy)
+        fully_shard(target, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(module, mesh=mesh, mp_policy=mp_policy)
     for name in FORWARD_METHODS:
         if callable(getattr(module, name, None)):
             register_fsdp_forward_method(module, name)
     return module
 
 
-def sharded_ema_shadow(
-    module: torch.nn.Module, units: Sequence[type[torch.nn.Module]], mp_policy: MixedPrecisionPolicy
-) -> torch.nn.Module:
-    """A copy of the still unsharded ``module``, frozen, in eval mode and sharded like it will be."""
-    if isinstance(module, FSDPModule):
-        raise TypeError("sharded_ema_shadow needs the module before fully_shard (a sharded module cannot be copied)")
-    shadow = copy.deepcopy(module).eval()
-    shadow.requires_grad_(False)
-    return shard_module(shadow, units, mp_policy)
+def shard_from_rank0(
+    module: torch.nn.Module,
+    units: Sequence[type[torch.nn.Module]],
+    mp_policy: MixedPrecisionPolicy,
+    mesh: DeviceMesh,
+    *,
+    ema: bool = False,
+) -> torch.nn.Module | None:
+    """Shard ``module`` (still whole, on any device) and give every rank its shard of *rank 0's* weights,
+    as DDP's constructor broadcasts them; with ``ema``, return a frozen shadow sharded the same way and
+    equal to it (a sharded module cannot be deep-copied, so the copy is made first).
+
+    Only shards reach ``mesh``'s device: the whole module is never moved there.
+    """
+    rank0_state = module.state_dict() if dist.get_rank() == 0 else {}  # references: no copy
+    shadow = copy.deepcopy(module) if ema else None
+    shard_module(module, units, mp_policy, mesh)
+    set_model_state_dict(module, rank0_state,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))  # fmt: skip
+    del rank0_state
+    if shadow is None:
+        return None
+    shadow.eval().requires_grad_(False)
+    shard_module(shadow, units, mp_policy, mesh)
+    with torch.no_grad():
+        for dst, src in zip(shadow.state_dict(keep_vars=True).values(), module.state_dict(keep_vars=True).values()):
+            _local(dst).copy_(_local(src))
+    return shadow
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def local_numel(tensors: Iterable[torch.Tensor]) -> int:
@@ -184,13 +206,14 @@ class FSDPParallel:
 
     # -- wrapping ------------------------------------------------------------------------------------
 
-    def wrap(self, module: torch.nn.Module, *, ema: bool = False) -> torch.nn.Module:
-        """Broadcast rank 0's weights, make the EMA shadow if asked (``self.ema_shadow``), shard both."""
+    def wrap(self, module: torch.nn.Module, device: torch.device, *, ema: bool = False) -> torch.nn.Module:
+        """Shard ``module`` in place onto ``device`` with rank 0's weights; with ``ema`` also a sharded
+        shadow (``self.ema_shadow``) for ``EMA(module, shadow=...)``. Call it before the module is moved
+        to ``device`` (only the shards go there) and before the optimizer is built."""
         self.units = resolve_units(module, self.fsdp_units)
-        broadcast_from_rank0(module)
-        if ema:
-            self.ema_shadow = sharded_ema_shadow(module, self.units, self.mp_policy)
-        self.module = shard_module(module, self.units, self.mp_policy)
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        self.ema_shadow = shard_from_rank0(module, self.units, self.mp_policy, mesh, ema=ema)
+        self.module = module
         return module
 
     def forward(self) -> Any:
