@@ -152,3 +152,29 @@ def test_sharded_state_round_trips_through_dcp_exactly(parts: list[dict]) -> Non
     # DCP and loaded in place into a fresh sharded model and optimizer: every local shard is equal.
     assert parts[0]["fsdp_announced"]["restored_equal"] is True
     assert parts[1]["fsdp_announced"]["restored_equal"] is True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        (dict(strategy="zero"), ValueError, r"strategy='zero' is not valid; expected 'ddp' or 'fsdp'"),
+        (dict(strategy="fsdp"), ValueError, r"strategy='fsdp' with distributed=False"),
+        (dict(strategy="fsdp", distributed=True, precision="16-mixed"), ValueError,
+         r"precision='16-mixed' with strategy='fsdp'"),
+        (dict(fsdp_units="Block"), TypeError, r"fsdp_units='Block' is not valid"),
+        (dict(fsdp_units=(1,)), TypeError, r"fsdp_units=\(1,\) is not valid: 1 is not a torch.nn.Module subclass"),
+    ],
+)  # fmt: skip
+def test_bad_strategy_settings_are_refused(kwargs: dict, error: type, words: str) -> None:
+    from trainkit.config import TrainerConfig
+
+    with pytest.raises(error, match=words):
+        TrainerConfig(max_steps=1, **kwargs)
+
+
+def test_fsdp_units_is_normalised_to_a_tuple() -> None:
+    from trainkit.config import TrainerConfig
+
+    cfg = TrainerConfig(max_steps=1, strategy="fsdp", distributed=True, fsdp_units=_Block)
+    assert cfg.fsdp_units == (_Block,) and cfg.hparams()["fsdp_units"] == "_Block"
+    assert TrainerConfig(max_steps=1).strategy == "ddp"
