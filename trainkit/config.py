@@ -262,3 +262,39 @@ class TrainerConfig:
         if out.get("fsdp_units") is not None:
             out["fsdp_units"] = ",".join(u.__name__ for u in out["fsdp_units"])
         return out
+
+
+def check_fit_args(module: Any, train: Any, val: Any, test: Any, ckpt_path: Any, has_storage: bool) -> None:
+    """The live arguments of ``Trainer.fit``, checked before anything runs or is written."""
+    from collections.abc import Iterable
+
+    from .module import TaskModule  # here: the module imports the callbacks, which need no config
+
+    if not isinstance(module, TaskModule):
+        raise TypeError(f"module={type(module).__name__} is not valid; expected a trainkit.TaskModule")
+    for name, loader in (("train_loader", train), ("val_loader", val), ("test_loader", test)):
+        if (loader is not None or name == "train_loader") and not isinstance(loader, Iterable):
+            raise TypeError(f"{name}={loader!r} is not valid; expected an iterable of batches (a DataLoader)")
+    try:
+        length = len(train)
+    except TypeError:
+        length = None
+    if length == 0:
+        raise ValueError("train_loader=<empty> is not valid; expected a loader that yields at least one batch")
+    if ckpt_path is not None:
+        if not isinstance(ckpt_path, (str, os.PathLike)) or not os.fspath(ckpt_path):
+            raise TypeError(f"ckpt_path={ckpt_path!r} is not valid; expected a path, URL or 'last'")
+        if ckpt_path == "last" and not has_storage:
+            raise ValueError("ckpt_path='last' needs checkpoint_dir; checkpoint_dir=None was given")
+
+
+def check_eval_args(module: Any, loader: Any) -> None:
+    """The live arguments of ``Trainer.validate``/``test``."""
+    from collections.abc import Iterable
+
+    from .module import TaskModule
+
+    if not isinstance(module, TaskModule):
+        raise TypeError(f"module={type(module).__name__} is not valid; expected a trainkit.TaskModule")
+    if not isinstance(loader, Iterable):
+        raise TypeError(f"loader={loader!r} is not valid; expected an iterable of batches")

@@ -212,6 +212,17 @@ class StopVote:
     def any_rank(self, value: bool) -> bool:
         return self._reduce([value])[0]
 
+    def agree(self, must_vote: bool) -> tuple[bool, bool]:
+        """Every rank's (should_stop, signal) after a step, the same on every rank. What was asked by the
+        end of ``training_step`` came back with the step; a request made later, and the final reason when
+        stopping anyway (``must_vote``, equal on every rank), take one blocking vote. Otherwise a signal
+        that came after ``training_step`` is heard with the next step."""
+        heard = self.collect() or (False, False)
+        if not (must_vote or any(heard)):
+            return False, False
+        agreed = self.now()
+        return heard[0] or agreed[0], heard[1] or agreed[1]
+
     def _reduce(self, values: list[bool]) -> Any:
         tensor = torch.tensor([int(v) for v in values], dtype=torch.int32)
         dist.all_reduce(tensor, group=self.group)

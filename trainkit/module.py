@@ -91,3 +91,14 @@ class TaskModule(torch.nn.Module, Callback):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # type: ignore[override]
         """Read back what :meth:`on_save_checkpoint` added."""
+
+
+def training_loss(out: Any) -> torch.Tensor:
+    """The loss in what ``training_step`` returned as a mapping; TypeError naming what came instead."""
+    if isinstance(out, Mapping) and isinstance(out.get("loss"), torch.Tensor):
+        return out["loss"]
+    raise TypeError(
+        f"training_step returned {type(out).__name__}"
+        + (f" with keys {sorted(out)}" if isinstance(out, Mapping) else "")
+        + "; expected a loss tensor or a mapping with a 'loss' tensor"
+    )

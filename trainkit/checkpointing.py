@@ -1,0 +1,248 @@
+"""What goes into a checkpoint, where it comes from, and where a resume starts.
+
+A checkpoint is gathered from named pieces, each a ``Stateful`` (``state_dict``/``load_state_dict``)
+under a fixed key (the ``KEY_*`` constants of :mod:`trainkit.checkpoint`)::
+
+    "model"        the unwrapped TaskModule          "schedulers"   every LR scheduler, in order
+    "ema"          the EMA shadow (or None)          "grad_scaler"  the 16-mixed GradScaler (or None)
+    "optimizers"   the optimizer, as a list of one   "trainer"      loop counters, data position, RNG,
+    "callbacks"    stateful callbacks by state_key                  history, best, early stop
+    "task"         what on_save_checkpoint hooks add
+
+Adding a piece is one entry in :func:`trainer_pieces`. Pieces are restored in
+that order, then the ``on_load_checkpoint`` hooks run, then the loop re-opens its data position (which
+sets the random streams last). Storage, names and safety are :mod:`trainkit.checkpoint`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from .checkpoint import (
+    BEST_NAME,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    KEY_CALLBACKS,
+    KEY_EMA,
+    KEY_GRAD_SCALER,
+    KEY_MODEL,
+    KEY_OPTIMIZERS,
+    KEY_SCHEDULERS,
+    KEY_TASK,
+    KEY_TRAINER,
+    AsyncWriter,
+    CheckpointError,
+    CheckpointStorage,
+    load_checkpoint,
+    regular_name,
+)
+from .distributed import DistContext
+
+log = logging.getLogger("trainkit")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+class StatefulList:
+    """Several pieces of one kind (optimizers, schedulers) saved as a list, checked for count on load."""
+
+    def __init__(self, items: Sequence[Any], what: str) -> None:
+        self.items, self.what = list(items), what
+
+    def state_dict(self) -> list[Any]:
+        return [item.state_dict() for item in self.items]
+
+    def load_state_dict(self, states: list[Any]) -> None:
+        if len(states) != len(self.items):
+            raise CheckpointError(
+                f"checkpoint holds {len(states)} {self.what}(s); configure_optimizers() gave {len(self.items)}"
+            )
+        for item, state in zip(self.items, states):
+            item.load_state_dict(state)
+
+
+class OptionalPiece:
+    """A piece the run may lack (EMA, GradScaler): saved as None without it; on load, ``missing`` says
+    what to do when the run has it but the checkpoint does not."""
+
+    def __init__(self, piece: Any, missing: Callable[[], None] | None = None) -> None:
+        self.piece, self.missing = piece, missing
+
+    def state_dict(self) -> Any:
+        return self.piece.state_dict() if self.piece is not None else None
+
+    def load_state_dict(self, state: Any) -> None:
+        if self.piece is None:
+            return
+        if state:
+            self.piece.load_state_dict(state)
+        elif self.missing is not None:
+            self.missing()
+
+
+class Merged:
+    """One dict entry filled by several pieces, each owning its own keys (the ``"trainer"`` entry)."""
+
+    def __init__(self, *pieces: Any, extra: dict[str, Any] | None = None) -> None:
+        self.pieces, self.extra = pieces, extra or {}
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        for piece in self.pieces:
+            state.update(piece.state_dict())
+        return {**state, **self.extra}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for piece in self.pieces:
+            piece.load_state_dict(state)
+
+
+class CallbackStates:
+    """Stateful callbacks, each under its ``state_key``; one the checkpoint lacks is warned about."""
+
+    def __init__(self, callbacks: Sequence[Any]) -> None:
+        self.callbacks = list(callbacks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {cb.state_key: cb.state_dict() for cb in self.callbacks}
+
+    def load_state_dict(self, saved: dict[str, Any] | None) -> None:
+        saved = saved or {}
+        for cb in self.callbacks:
+            if cb.state_key in saved:
+                cb.load_state_dict(saved[cb.state_key])
+            else:
+                warnings.warn(f"the checkpoint has no state for callback {cb.state_key!r}", stacklevel=5)
+
+
+def _restart_ema(ema: Any) -> None:
+    warnings.warn("the checkpoint has no EMA state; the EMA restarts from its weights", stacklevel=6)
+    ema.reset()
+
+
+def trainer_pieces(
+    module: Any, ema: Any, optimizer: Any, schedulers: Sequence[Any],
+    scaler: Any, loop_state: Any, evaluator: Any, callbacks: Sequence[Any], world_size: int,
+) -> dict[str, Stateful]:
+    """The named pieces of a Trainer's checkpoint, in restore order: the one place that lists them."""
+    return {
+        KEY_MODEL: module,
+        KEY_EMA: OptionalPiece(ema, missing=lambda: _restart_ema(ema)),
+        KEY_OPTIMIZERS: StatefulList([optimizer], "optimizer"),
+        KEY_SCHEDULERS: StatefulList(schedulers, "scheduler"),
+        KEY_GRAD_SCALER: OptionalPiece(scaler),
+        KEY_TRAINER: Merged(loop_state, evaluator, extra={"world_size": world_size}),
+        KEY_CALLBACKS: CallbackStates([cb for cb in callbacks if hasattr(cb, "state_dict")]),
+    }  # fmt: skip
+
+
+class Checkpointer:
+    """Builds, writes, finds and restores checkpoints for one Trainer (rank 0 writes)."""
+
+    def __init__(self, storage: CheckpointStorage | None, storage_options: dict[str, Any]) -> None:
+        self.storage = storage
+        self.storage_options = storage_options
+        self.reset()
+
+    def reset(self) -> None:
+        self.pieces: dict[str, Stateful] = {}
+        self.dist = DistContext()
+        self.writer: AsyncWriter | None = None
+        self.on_save: Callable[[dict[str, Any]], None] = lambda checkpoint: None
+        self.on_load: Callable[[dict[str, Any]], None] = lambda checkpoint: None
+        self.best_path: str | None = None
+        self.last_saved_step: int | None = None
+
+    def bind(
+        self,
+        pieces: dict[str, Stateful],
+        dist: DistContext,
+        async_writes: bool,
+        on_save: Callable[[dict[str, Any]], None],
+        on_load: Callable[[dict[str, Any]], None],
+    ) -> None:
+        """The pieces of this fit (see :func:`trainer_pieces`) and the hooks that see every checkpoint."""
+        self.pieces, self.dist, self.on_save, self.on_load = pieces, dist, on_save, on_load
+        self.writer = AsyncWriter() if async_writes else None
+
+    def close(self) -> BaseException | None:
+        """Wait for an asynchronous write in flight; returns its failure, if any, for fit to raise."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except BaseException as exc:
+                return exc
+        return None
+
+    # -- writing -----------------------------------------------------------------------------------------
+
+    def build(self) -> dict[str, Any]:
+        checkpoint: dict[str, Any] = {FORMAT_KEY: FORMAT_VERSION}
+        for key, piece in self.pieces.items():
+            checkpoint[key] = piece.state_dict()
+        checkpoint[KEY_TASK] = {}
+        self.on_save(checkpoint)
+        return checkpoint
+
+    def save_regular(self, step: int) -> str | None:
+        self.last_saved_step = step
+        return self._save(regular_name(step))
+
+    def save_best(self) -> None:
+        if self.storage is not None:
+            self.best_path = self._save(BEST_NAME)
+
+    def _save(self, name: str) -> str | None:
+        """Write a checkpoint from rank 0 (others return at once); returns its location."""
+        storage = self.storage
+        if storage is None:
+            return None
+        if not self.dist.is_main:
+            return storage.location(name)
+        checkpoint = self.build()
+        if self.writer is not None:
+            frozen = self.writer.snapshot(checkpoint)  # host copies now; the write runs while training goes on
+            self.writer.submit(lambda: storage.write(name, frozen))
+            return storage.location(name)
+        return storage.write(name, checkpoint)
+
+    # -- resuming ----------------------------------------------------------------------------------------
+
+    def resolve(self, ckpt_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+        """The checkpoint dict to resume from: ``ckpt_path`` itself, or for ``"last"`` the newest of the
+        regular files and best.ckpt in ``checkpoint_dir`` (None, with a warning, when there is none)."""
+        if ckpt_path != "last":
+            return load_checkpoint(ckpt_path, storage_options=self.storage_options)
+        storage = self.storage
+        assert storage is not None
+        steps = storage.regular_steps()
+        best: dict[str, Any] | None = storage.read(BEST_NAME) if storage.exists(BEST_NAME) else None
+        newest = steps[-1] if steps else None
+        # On a tie the regular file is the newer one: it is written after on_epoch_end, best before.
+        if best is not None and (newest is None or best["trainer"]["global_step"] > newest):
+            log.info("trainkit: resuming from %s", storage.location(BEST_NAME))
+            return best
+        if newest is not None:
+            log.info("trainkit: resuming from %s", storage.location(regular_name(newest)))
+            return storage.read(regular_name(newest))
+        log.warning("trainkit: ckpt_path='last' found no checkpoint in %s; starting fresh", storage.url)
+        return None
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Load every piece in order, then the ``on_load_checkpoint`` hooks."""
+        for key, piece in self.pieces.items():
+            piece.load_state_dict(checkpoint.get(key) if key == KEY_CALLBACKS else checkpoint[key])
+        state = checkpoint["trainer"]
+        if self.storage is not None and state["best"]["metric"] is not None and self.storage.exists(BEST_NAME):
+            self.best_path = self.storage.location(BEST_NAME)
+        self.on_load(checkpoint)
+        self.last_saved_step = int(state["global_step"])

@@ -1,0 +1,93 @@
+"""What one fit starts beside the loop and stops after it: the run logger, the progress display, the
+profiler and the stop-signal handlers. Rank 0 logs, shows progress and profiles; every rank hears signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .config import TrainerConfig
+from .loggers import TAG_EPOCH, TAG_TRAIN_LOSS, Progress, RunLogger, lr_tags
+from .profiling import StepProfiler
+
+log = logging.getLogger("trainkit")
+
+
+class FitServices:
+    """Logger, progress, profiler and signal handlers for one fit. Until :meth:`start` every part is a
+    disabled stand-in, so evaluations outside fit (``validate``/``test``) can use it as is."""
+
+    def __init__(self) -> None:
+        self.logger = RunLogger(None, {})
+        self.progress = Progress(False, None)
+        self.profiler: StepProfiler | None = None
+        self.log_enabled = False
+        self.signal: int | None = None  # the signal received, if any
+        self._old_handlers: dict[int, Any] = {}
+
+    def start(self, cfg: TrainerConfig, is_main: bool, num_batches: int | None, global_step: int) -> None:
+        self.logger = RunLogger(
+            os.fspath(cfg.log_dir) if (cfg.log_dir is not None and is_main) else None, cfg.hparams()
+        )
+        if self.logger.log_dir is not None:
+            _ = self.logger.writer  # event file and hparams at fit start
+        total = cfg.max_steps
+        if total is None and num_batches is not None and cfg.max_epochs is not None:
+            total = cfg.max_epochs * math.ceil(num_batches / cfg.accumulate_grad_batches)
+        self.progress = Progress(cfg.progress_bar and is_main, total, global_step)
+        self.log_enabled = self.logger.log_dir is not None or self.progress.enabled
+        if cfg.use_profiler and is_main and cfg.log_dir is not None:
+            self.profiler = StepProfiler(os.fspath(cfg.log_dir), dict(cfg.profiler_kwargs or {}))
+            self.profiler.start()
+        if cfg.handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+                if sig is not None:
+                    self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.warning("trainkit: received signal %s; stopping after the current optimizer step", signum)
+        self.signal = signum
+
+    def log_train(self, step: int, epoch: int, loss: torch.Tensor | None, out: Any, lrs: list[float]) -> None:
+        """Train loss, other scalar outputs of ``training_step``, learning rates and epoch at a log step."""
+        value = float(loss.detach()) if loss is not None else None  # the one host sync per log step
+        if self.logger.log_dir is not None:
+            scalars: dict[str, float] = {}
+            if value is not None:
+                scalars[TAG_TRAIN_LOSS] = value
+            if isinstance(out, Mapping):
+                for name, item in out.items():
+                    if name != "loss" and isinstance(item, (torch.Tensor, int, float)):
+                        if not isinstance(item, torch.Tensor) or item.numel() == 1:
+                            scalars[f"train_{name}"] = float(item)
+            scalars.update(dict(zip(lr_tags(len(lrs)), lrs)))
+            scalars[TAG_EPOCH] = float(epoch)
+            self.logger.log_scalars(scalars, step)
+        self.progress.show(step, epoch, value, lrs)
+
+    def stop_listening(self) -> None:
+        """Restore the signal handlers and stop the profiler (first thing at teardown)."""
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+        if self.profiler is not None:
+            with contextlib.suppress(Exception):
+                summary = self.profiler.stop()
+                if summary:
+                    log.info("trainkit profiler summary:\n%s", summary)
+            self.profiler = None
+
+    def close(self) -> None:
+        """Close the progress display and the logger's files."""
+        for closeable in (self.progress, self.logger):
+            with contextlib.suppress(Exception):
+                closeable.close()
