@@ -25,14 +25,21 @@ Example::
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    """A ``DTensor`` (FSDP). Looked up lazily: importing torch.distributed.tensor costs ~0.5 s, and no
+    DTensor can exist before something else imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return [t.to_local() if _is_sharded(t) else t for t in tensors]  # type: ignore[attr-defined]
 
 
 class EMA:
@@ -81,7 +88,7 @@ class EMA:
         self._live_params = [p for _, p in float_pairs]
         self._copy_dst = [s for s, _ in copy_pairs]
         self._copy_src = [p for _, p in copy_pairs]
-        self._sharded = any(isinstance(t, DTensor) for t in self._ema_params + self._copy_dst)
+        self._sharded = any(_is_sharded(t) for t in self._ema_params + self._copy_dst)
 
     def current_decay(self) -> float:
         if self.warmup:
