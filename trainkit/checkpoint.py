@@ -251,6 +251,9 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load a trainkit checkpoint dict from any fsspec path or URL, always with ``weights_only=True``.
 
+    A sharded checkpoint directory (``step_%09d/`` written under ``strategy="fsdp"``) is read here, in
+    one plain process, with full (unsharded) tensors; ``map_location`` is then a device or device string.
+
     Example::
 
         ckpt = tk.load_checkpoint("s3://bucket/run1/best.ckpt",
@@ -259,6 +262,10 @@ def load_checkpoint(
     """
     shown = os.fspath(path_or_url)
     fs, path = url_to_fs(shown, storage_options)
+    if fs.isdir(path):  # a sharded (DCP) checkpoint directory: read in this process, full tensors
+        from .dcp import load_checkpoint_dir
+
+        return load_checkpoint_dir(shown, map_location, storage_options)
     return _load(fs, path, shown, map_location)
 
 
@@ -272,11 +279,13 @@ def load_weights(
 ) -> torch.nn.Module:
     """Load trained weights (the raw ones, or with ``ema=True`` the averaged ones) into ``module``.
 
+    ``path_or_url`` is a checkpoint file or a sharded checkpoint directory (only its weights are read).
+
     Example::
 
         model = tk.load_weights(Classifier(), "runs/run1/checkpoints/best.ckpt", ema=True).eval()
     """
-    ckpt = load_checkpoint(path_or_url, storage_options=storage_options)
+    ckpt = _load_weights_part(path_or_url, KEY_EMA if ema else KEY_MODEL, storage_options)
     if ema:
         if not ckpt.get(KEY_EMA):
             raise CheckpointError(
@@ -287,6 +296,18 @@ def load_weights(
         state = ckpt[KEY_MODEL]
     module.load_state_dict(state, strict=strict)
     return module
+
+
+def _load_weights_part(
+    path_or_url: str | os.PathLike[str], key: str, storage_options: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The checkpoint for load_weights: from a sharded directory only the entry ``key`` is read."""
+    fs, path = url_to_fs(os.fspath(path_or_url), storage_options)
+    if fs.isdir(path):
+        from .dcp import load_checkpoint_dir
+
+        return load_checkpoint_dir(path_or_url, storage_options=storage_options, keys=(key,))
+    return load_checkpoint(path_or_url, storage_options=storage_options)
 
 
 class AsyncWriter:
