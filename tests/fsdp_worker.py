@@ -8,6 +8,7 @@ same loop under DDP, from the same seed and data. Each rank saves a ``torch.save
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import sys
@@ -21,9 +22,18 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 import trainkit as tk
+from trainkit.config import TrainerConfig
 from trainkit.distributed import average_gradients
 from trainkit.ema import EMA
-from trainkit.fsdp import FSDPParallel, local_numel
+from trainkit.fsdp import (
+    FSDPParallel,
+    clip_grad_norm,
+    load_model_state,
+    load_optimizer_state,
+    local_numel,
+    model_state,
+    optimizer_state,
+)
 
 torch.set_num_threads(1)
 
@@ -49,8 +59,9 @@ class Net(tk.TaskModule):
 
     fsdp_units = (Block,)
 
-    def __init__(self) -> None:
+    def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
+        self.drop = torch.nn.Dropout(dropout)  # draws from each rank's own RNG stream
         self.inp = torch.nn.Linear(FEATURES, HIDDEN)
         self.blocks = torch.nn.Sequential(Block(), Block())
         self.head = torch.nn.Linear(HIDDEN, CLASSES)
@@ -58,7 +69,7 @@ class Net(tk.TaskModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.seen_dtypes = {self.inp.weight.dtype, self.head.weight.dtype}
-        return self.head(self.blocks(self.inp(x))) * self.scale
+        return self.head(self.blocks(self.drop(self.inp(x)))) * self.scale
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -67,6 +78,9 @@ class Net(tk.TaskModule):
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         x, y = batch
         return {"loss": F.cross_entropy(self(x), y)}
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=0.1)
 
 
 class StepForward(torch.nn.Module):
@@ -104,10 +118,10 @@ def train(
     torch.manual_seed(100 + rank)  # every rank initialises differently: the wrap must give rank 0's weights
     model = Net()
     if strategy == "fsdp":
-        par = FSDPParallel(precision=precision, pass_length_known=length_known)
-        par.wrap(model, torch.device("cpu"), ema=True)
+        par = make_fsdp(precision, length_known)
+        par.place(model, torch.device("cpu"))
         ema = EMA(model, 0.9, shadow=par.ema_shadow)
-        forward = par.forward()
+        forward = par.wrap(model, lambda: (False, False), torch.device("cpu"))
     else:
         ddp = DistributedDataParallel(StepForward(model))
         ema = EMA(model, 0.9)
@@ -122,8 +136,7 @@ def train(
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         grad_numel.append(local_numel(grads))
         grad_dtypes.update(str(g.dtype) for g in grads)
-        norm = par.clip(list(model.parameters()), 0.3) if strategy == "fsdp" else torch.nn.utils.clip_grad_norm_(
-            list(model.parameters()), 0.3)  # fmt: skip
+        norm = clip_grad_norm(list(model.parameters()), 0.3)
         norms.append(float(norm))
         optimizer.step()
         ema.update()
@@ -132,10 +145,10 @@ def train(
     for idx, (x, y) in enumerate(global_batches(len(boundaries))):
         batch = (x[rank * BATCH : (rank + 1) * BATCH], y[rank * BATCH : (rank + 1) * BATCH])
         boundary = boundaries[idx]
-        if strategy == "fsdp":
-            ctx: Any = par.step_context(boundary)
+        if boundary:
+            ctx: Any = contextlib.nullcontext()
         else:
-            ctx = ddp.no_sync() if not boundary else torch.enable_grad()
+            ctx = par.no_sync() if strategy == "fsdp" else ddp.no_sync()
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
         with ctx, autocast:
             loss = forward(batch, idx) / accumulate
@@ -166,38 +179,48 @@ def train(
         out["local_params"] = {n: p.to_local().numel() for n, p in model.named_parameters()}
         out["local_ema"] = {n: p.to_local().numel() for n, p in ema.module.named_parameters()}
         out["grad_numel"] = grad_numel
-        opt_state = par.optimizer_state(optimizer)
+        opt_state = optimizer_state(model, optimizer)
         out["opt_keys"] = sorted(opt_state["state"])
         out["local_opt"] = {n: {k: v.to_local().numel() for k, v in s.items() if isinstance(v, DTensor)}
                             for n, s in opt_state["state"].items()}  # fmt: skip
-        out["model_keys"] = sorted(par.model_state())
-        out["all_dtensor"] = all(isinstance(v, DTensor) for v in par.model_state().values())
+        out["model_keys"] = sorted(model_state(model))
+        out["all_dtensor"] = all(isinstance(v, DTensor) for v in model_state(model).values())
         out["fsdp_root"] = type(model).__mro__[1].__name__
         if ckpt_dir is not None:
-            out["restored_equal"] = dcp_round_trip(ckpt_dir, par, model, optimizer, ema, length_known)
+            out["restored_equal"] = dcp_round_trip(ckpt_dir, model, optimizer, ema, length_known)
+        par.close(clean=True, failed=False)
     return out
 
 
-def dcp_round_trip(ckpt_dir: Path, par: FSDPParallel, model: Net, optimizer: Any, ema: EMA, length_known: bool) -> bool:
+def make_fsdp(precision: str = "32", length_known: bool = True) -> FSDPParallel:
+    """The trainer's FSDP piece, joined to this process group, outside a Trainer."""
+    config = TrainerConfig(max_steps=1, distributed=True, strategy="fsdp", use_ema=True, precision=precision)
+    par = FSDPParallel(config)
+    par.setup(torch.device("cpu"))
+    par.pass_length_known = length_known
+    return par
+
+
+def dcp_round_trip(ckpt_dir: Path, model: Net, optimizer: Any, ema: EMA, length_known: bool) -> bool:
     """Save model, optimizer, EMA and this rank's RNG with DCP, load them into a fresh sharded model and
     optimizer (the state dicts as in-place templates), and compare every local shard exactly."""
     import torch.distributed.checkpoint as dcp
 
     rank = dist.get_rank()
-    state = {"model": par.model_state(), "optimizer": par.optimizer_state(optimizer), "ema": ema.state_dict(),
+    state = {"model": model_state(model), "optimizer": optimizer_state(model, optimizer), "ema": ema.state_dict(),
              "rng": {f"rank{rank}": torch.get_rng_state()}}  # fmt: skip
     dcp.save(state, checkpoint_id=str(ckpt_dir))
     torch.manual_seed(999)
     fresh = Net()
-    par2 = FSDPParallel(pass_length_known=length_known)
-    par2.wrap(fresh, torch.device("cpu"), ema=True)
+    par2 = make_fsdp(length_known=length_known)
+    par2.place(fresh, torch.device("cpu"))
     ema2 = EMA(fresh, 0.9, shadow=par2.ema_shadow)
     opt2 = torch.optim.AdamW(fresh.parameters(), lr=0.05, weight_decay=0.1)
-    target = {"model": par2.model_state(), "optimizer": par2.optimizer_state(opt2), "ema": ema2.state_dict(),
+    target = {"model": model_state(fresh), "optimizer": optimizer_state(fresh, opt2), "ema": ema2.state_dict(),
               "rng": {f"rank{rank}": torch.empty_like(torch.get_rng_state())}}  # fmt: skip
     dcp.load(target, checkpoint_id=str(ckpt_dir))
-    par2.load_model_state(target["model"])
-    par2.load_optimizer_state(opt2, target["optimizer"])
+    load_model_state(fresh, target["model"])
+    load_optimizer_state(fresh, opt2, target["optimizer"])
     ema2.load_state_dict(target["ema"])
     same = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(model.parameters(), fresh.parameters()))
     same &= all(torch.equal(a.to_local(), b.to_local())

@@ -241,6 +241,11 @@ class TrainerConfig:
                 "precision='16-mixed' with strategy='fsdp' is not supported; expected precision '32' or "
                 "'bf16-mixed' (fp16 needs a sharded gradient scaler)"
             )
+        if self.strategy == "fsdp" and self.async_checkpoint:
+            raise ValueError(
+                "async_checkpoint=True with strategy='fsdp' is not supported; every rank writes its shards "
+                "of a sharded checkpoint during the save (expected async_checkpoint=False)"
+            )
         units = self.fsdp_units
         if units is None:
             return

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,35 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from .distributed import GroupVote, StopVote
+from .checkpoint import (
+    BEST_NAME,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    KEY_CALLBACKS,
+    KEY_MODEL,
+    KEY_OPTIMIZERS,
+    KEY_TASK,
+    KEY_TRAINER,
+    CheckpointError,
+    CheckpointStorage,
+    regular_name,
+)
+from .checkpointing import Checkpointer, log
+from .config import TrainerConfig
+from .dcp import (
+    best_dir_name,
+    complete_checkpoints,
+    delete_checkpoint_dir,
+    is_sharded_checkpoint,
+    latest_complete,
+    load_dcp,
+    regular_dir_name,
+    save_dcp,
+    sharded_step,
+)
+from .distributed import Flags, GroupVote
+from .parallel import DDP
+from .rng import get_rng_state
 
 FORWARD_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 _SHARDED = StateDictOptions(full_state_dict=False, cpu_offload=False)
@@ -172,13 +201,13 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
     set_optimizer_state_dict(module, optimizer, state, options=_SHARDED)
 
 
-class FSDPParallel:
-    """The FSDP2 side of the trainer's parallel seam.
+class FSDPParallel(DDP):
+    """The FSDP2 side of the trainer's parallel seam (``Trainer(distributed=True, strategy="fsdp")``).
 
-    Order of use: ``wrap`` (before the optimizer is built: FSDP replaces the parameters), then the
-    optimizer from ``module.parameters()``; per micro-step ``step_context(boundary)`` around forward and
-    backward; ``finish_accumulation()`` when a pass ends in the middle of an accumulation; ``clip`` before
-    ``optimizer.step()``.
+    Process group, loaders and teardown are DDP's. ``place`` shards the module (and the EMA's shadow)
+    instead of moving it: it runs before the optimizer is built, which must see the sharded parameters.
+    ``training_step`` itself is the forward (FSDP's hooks run around it); the stop vote goes over a gloo
+    side group (there is no DDP bucket to carry it).
 
     Accumulation: with a loader whose length is known, micro-steps run without gradient reduction
     (``set_requires_gradient_sync(False)``; each rank keeps its unsharded gradient sum) and the boundary
@@ -189,96 +218,132 @@ class FSDPParallel:
 
     checkpoint_format = "dcp"
 
-    def __init__(
-        self,
-        fsdp_units: Any = None,
-        precision: str = "32",
-        *,
-        pass_length_known: bool = True,
-    ) -> None:
-        self.fsdp_units = fsdp_units
-        self.mp_policy = mixed_precision_policy(precision)
-        self.pass_length_known = pass_length_known
+    def __init__(self, config: TrainerConfig) -> None:
+        super().__init__(config)
+        self.mp_policy = mixed_precision_policy(config.precision)
+        self.pass_length_known = True
         self.module: torch.nn.Module | None = None
         self.ema_shadow: torch.nn.Module | None = None
-        self.units: tuple[type[torch.nn.Module], ...] = ()
-        self._held_back = False  # micro-steps ran without reduction since the last boundary
 
-    # -- wrapping ------------------------------------------------------------------------------------
-
-    def wrap(self, module: torch.nn.Module, device: torch.device, *, ema: bool = False) -> torch.nn.Module:
-        """Shard ``module`` in place onto ``device`` with rank 0's weights; with ``ema`` also a sharded
-        shadow (``self.ema_shadow``) for ``EMA(module, shadow=...)``. Call it before the module is moved
-        to ``device`` (only the shards go there) and before the optimizer is built."""
-        self.units = resolve_units(module, self.fsdp_units)
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        self.ema_shadow = shard_from_rank0(module, self.units, self.mp_policy, mesh, ema=ema)
+    def place(self, module: torch.nn.Module, device: torch.device) -> None:
+        units = resolve_units(module, self.config.fsdp_units)
+        mesh = init_device_mesh(device.type, (self.dist.world_size,))
+        self.ema_shadow = shard_from_rank0(module, units, self.mp_policy, mesh, ema=self.config.use_ema)
         self.module = module
-        return module
 
-    def forward(self) -> Any:
-        """The callable the loop calls as ``forward(batch, batch_idx)``: the (hooked) ``training_step``."""
-        assert self.module is not None
-        return self.module.training_step
+    def prepare_loaders(self, train: Any, val: Any, test: Any) -> tuple[Any, Any, Any]:
+        train, val, test = super().prepare_loaders(train, val, test)
+        try:
+            len(train)
+        except TypeError:
+            self.pass_length_known = False
+        return train, val, test
 
-    def stop_vote(self, flags: Any) -> StopVote:
-        """Stop flags in an all-reduce on a gloo side group (there is no DDP bucket to carry them)."""
-        return GroupVote(dist.new_group(backend="gloo"), flags)
+    def wrap(self, module: Any, flags: Flags, device: torch.device) -> Callable[[Any, int], Any]:
+        if self.dist.world_size > 1:
+            self.vote = GroupVote(dist.new_group(backend="gloo"), flags)
+        return module.training_step  # type: ignore[no-any-return]  # FSDP's hooks run around it
 
-    # -- accumulation ----------------------------------------------------------------------------------
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        return self._held_back() if self.pass_length_known else contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def step_context(self, boundary: bool) -> Iterator[None]:
-        """Around one micro-step's forward and backward: reduction only on the boundary (or always when
-        the pass length is unknown)."""
+    def _held_back(self) -> Iterator[None]:
         root = self._root()
-        sync = boundary or not self.pass_length_known
-        if not sync:
-            root.set_requires_gradient_sync(False)
-            self._held_back = True
+        root.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            if not sync:
-                root.set_requires_gradient_sync(True)
-            else:
-                self._held_back = False
+            root.set_requires_gradient_sync(True)
 
     def finish_accumulation(self) -> None:
-        """A pass ended inside an accumulation. Its micro-steps were reduced as they ran unless the loader
+        """A pass ended inside an accumulation. Its micro-steps were reduced as they ran, unless the loader
         announced a length and then yielded fewer batches: there the held-back sums are reduced now."""
-        if self._held_back:
+        if self.pass_length_known:
             reduce_held_back_gradients(self._root())
-            self._held_back = False
 
-    # -- optimizer step --------------------------------------------------------------------------------
-
-    def clip(self, params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-        return clip_grad_norm(params, max_norm)
-
-    # -- state -----------------------------------------------------------------------------------------
-
-    def model_state(self) -> dict[str, Any]:
-        return model_state(self._root())
-
-    def load_model_state(self, state: dict[str, Any]) -> None:
-        load_model_state(self._root(), state)
-
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        return optimizer_state(self._root(), optimizer)
-
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        load_optimizer_state(self._root(), optimizer, state)
-
-    def after_eval(self, module: torch.nn.Module) -> None:
-        """Free the root's gathered parameters after an evaluation (no backward follows to do it)."""
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    def close(self, clean: bool, failed: bool) -> None:
+        self.module = self.ema_shadow = None
+        super().close(clean, failed)
 
     def _root(self) -> Any:
         if self.module is None:
-            raise RuntimeError("FSDPParallel.wrap has not been called")
+            raise RuntimeError("FSDPParallel.place has not been called")
         return self.module
+
+
+class ShardedCheckpointer(Checkpointer):
+    """Checkpoints as DCP directories that every rank writes its shards into (:mod:`trainkit.dcp`):
+    ``step_%09d/`` (regular, all kept) and ``best_step_%09d/`` (the one best; the previous one is deleted
+    once the new one is complete). ``"last"`` is the newest complete directory (rank 0 looks, every rank
+    loads it). Besides rank 0's RNG state (``trainer.rng``, as in a single file) every rank's is saved
+    (``trainer.rng_per_rank``), and a resume with the same world size gives each rank its own back.
+    """
+
+    def _save(self, name: str) -> str | None:
+        storage = self.storage
+        if storage is None:
+            return None
+        checkpoint = self.build()
+        per_rank: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(per_rank, get_rng_state())
+        checkpoint[KEY_TRAINER]["rng_per_rank"] = per_rank
+        step = int(checkpoint[KEY_TRAINER]["global_step"])
+        if name == BEST_NAME:
+            name = best_dir_name(step)
+        elif name == regular_name(step):
+            name = regular_dir_name(step)
+        location = save_dcp(checkpoint, storage, name)
+        if name.startswith("best_"):
+            if self.dist.is_main:  # the new best is complete: now the old one goes
+                for other in storage.names():
+                    if other != name and other.startswith("best_") and sharded_step(other) is not None:
+                        delete_checkpoint_dir(storage, other)
+            self.dist.barrier()
+        return location
+
+    def resolve(self, ckpt_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+        storage = self.storage
+        if ckpt_path == "last":
+            assert storage is not None
+            chosen = [latest_complete(storage) if self.dist.is_main else None]
+            dist.broadcast_object_list(chosen, src=0)  # every rank loads the one rank 0 found
+            if chosen[0] is None:
+                log.warning("trainkit: ckpt_path='last' found no checkpoint in %s; starting fresh", storage.url)
+                return None
+            log.info("trainkit: resuming from %s", storage.location(chosen[0]))
+            return self._load(storage, chosen[0])
+        if not is_sharded_checkpoint(ckpt_path, self.storage_options):
+            raise CheckpointError(
+                f"ckpt_path={os.fspath(ckpt_path)!r} is not a complete sharded checkpoint directory; under "
+                "strategy='fsdp' expected a step_%09d/ or best_step_%09d/ directory (a single-file checkpoint "
+                "converts with `python -m trainkit convert SRC DST`)"
+            )
+        return self._load(os.fspath(ckpt_path), None)
+
+    def _load(self, where: CheckpointStorage | str, name: str | None) -> dict[str, Any]:
+        """Every rank reads its shards into its own live tensors (the pieces' state dicts, used as the
+        template); the optimizer's state is created first (zeros), so that it has tensors to load into."""
+        module, optimizers = self.pieces[KEY_MODEL], self.pieces[KEY_OPTIMIZERS]
+        for optimizer in getattr(optimizers, "items", ()):
+            get_optimizer_state_dict(cast(torch.nn.Module, module), optimizer, options=_SHARDED)
+        template: dict[str, Any] = {FORMAT_KEY: FORMAT_VERSION, KEY_TASK: {}}
+        template.update((key, piece.state_dict()) for key, piece in self.pieces.items())
+        return load_dcp(template, where, name, storage_options=self.storage_options)
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint[KEY_TRAINER]
+        per_rank = state.pop("rng_per_rank", None)
+        if per_rank is not None and len(per_rank) == self.dist.world_size:
+            state["rng"] = per_rank[self.dist.rank]
+        for key, piece in self.pieces.items():
+            piece.load_state_dict(checkpoint.get(key) if key == KEY_CALLBACKS else checkpoint[key])
+        storage = self.storage
+        if storage is not None and state["best"]["metric"] is not None:
+            bests = [n for n in complete_checkpoints(storage) if n.startswith("best_")]
+            self.best_path = storage.location(max(bests)) if bests else None
+        self.on_load(checkpoint)
+        self.last_saved_step = int(state["global_step"])
 
 
 def reduce_held_back_gradients(root: torch.nn.Module) -> None:
