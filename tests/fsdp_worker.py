@@ -1,9 +1,12 @@
 """One rank of an FSDP test run; tests/test_fsdp.py launches it and asserts on what it writes.
 
     python -m torch.distributed.run --nproc_per_node=2 tests/fsdp_worker.py parts OUT_DIR
+    python -m torch.distributed.run --nproc_per_node=2 tests/fsdp_worker.py trainer OUT_DIR
 
 ``parts``: trainkit.fsdp's pieces in a hand-written loop (the same loop the Trainer runs), next to the
-same loop under DDP, from the same seed and data. Each rank saves a ``torch.save`` file of plain data.
+same loop under DDP, from the same seed and data. ``trainer``: ``Trainer(strategy="fsdp")`` fits next to
+``strategy="ddp"`` ones, an interrupted and resumed fit, a signal, an early stop. Each rank saves a
+``torch.save`` file of plain data.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -252,12 +256,108 @@ def parts(out_dir: Path) -> None:
     torch.save(results, out_dir / f"parts_rank{rank}.pt")
 
 
+# -- the Trainer ------------------------------------------------------------------------------------------
+
+TRAIN_N, VAL_N = 40, 37  # 5 batches of 4 per rank and pass; 37 does not divide by 2
+
+
+def fit_kwargs(strategy: str, ckpt_dir: Path, **extra: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        run_mode="step", max_steps=8, eval_interval=2, save_interval=4, accumulate_grad_batches=2,
+        clip_grad=0.3, use_ema=True, ema_decay=0.9, distributed=True, strategy=strategy,
+        checkpoint_dir=str(ckpt_dir), log_dir=None, progress_bar=False,
+    )  # fmt: skip
+    kwargs.update(extra)
+    return kwargs
+
+
+def shuffled_loaders() -> tuple[Any, Any]:
+    from helpers import make_loader
+
+    train = make_loader(TRAIN_N, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(5))
+    return train, make_loader(VAL_N, batch_size=5, seed=1)
+
+
+class StopAt(tk.Callback):
+    """``should_stop`` on one rank at one step, or a signal to this process."""
+
+    def __init__(self, rank: int, step: int, signum: int | None = None) -> None:
+        self.rank, self.step, self.signum = rank, step, signum
+        self.steps: list[int] = []
+
+    def on_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
+        if self.signum is not None and trainer.rank == self.rank and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+    def on_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.steps.append(trainer.global_step)
+        if self.signum is None and trainer.rank == self.rank and trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def fit_summary(trainer: tk.Trainer, module: Net, result: Any) -> dict[str, Any]:
+    opt_state = trainer.optimizer.state_dict()["state"]  # type: ignore[union-attr]
+    return {
+        "step": result.global_step,
+        "stop_reason": result.stop_reason,
+        "best_step": result.best_step,
+        "best_checkpoint": result.best_checkpoint,
+        "history": [(h.step, dict(h.metrics)) for h in result.history],
+        "params": {n: full(p) for n, p in module.named_parameters()},
+        "ema": {n: full(p) for n, p in trainer.ema_module.named_parameters()},  # type: ignore[union-attr]
+        "exp_avg": [full(s["exp_avg"]) for s in opt_state.values()],
+        "rng": torch.get_rng_state(),
+        "ema_is_sharded": all(isinstance(p, DTensor) for p in trainer.ema_module.parameters()),  # type: ignore[union-attr]
+    }
+
+
+def trainer_runs(out_dir: Path) -> None:
+    rank = dist.get_rank()
+    results: dict[str, Any] = {}
+    for strategy in ("ddp", "fsdp"):
+        torch.manual_seed(100 + rank)  # ranks differ: weights come from rank 0, dropout from each rank's RNG
+        module = Net(dropout=0.2)
+        trainer = tk.Trainer(**fit_kwargs(strategy, out_dir / f"full_{strategy}"))
+        results[f"full_{strategy}"] = fit_summary(trainer, module, trainer.fit(module, *shuffled_loaders()))
+    # Interrupted at step 6 (mid-pass: 3 steps per pass) by should_stop on rank 1 only; resumed from "last".
+    torch.manual_seed(100 + rank)
+    module = Net(dropout=0.2)
+    stop = StopAt(rank=1, step=6)
+    trainer = tk.Trainer(**fit_kwargs("fsdp", out_dir / "resumed", save_interval=3, callbacks=[stop]))
+    results["stopped"] = fit_summary(trainer, module, trainer.fit(module, *shuffled_loaders()))
+    results["stopped"]["steps"] = stop.steps
+    torch.manual_seed(999)  # a fresh process would start elsewhere: everything must come from the checkpoint
+    module = Net(dropout=0.2)
+    trainer = tk.Trainer(**fit_kwargs("fsdp", out_dir / "resumed", save_interval=3))
+    results["resumed"] = fit_summary(trainer, module, trainer.fit(module, *shuffled_loaders(), ckpt_path="last"))
+    # A signal reaching rank 0 alone during step 3: every rank stops after it, and a checkpoint is written.
+    torch.manual_seed(0)
+    module = Net()
+    stop = StopAt(rank=0, step=2, signum=signal.SIGUSR1)
+    trainer = tk.Trainer(**fit_kwargs("fsdp", out_dir / "signal", callbacks=[stop], save_interval=None))
+    results["signal"] = fit_summary(trainer, module, trainer.fit(module, *shuffled_loaders()))
+    # Early stop: patience 1 on a metric that must rise ("max" on a falling loss).
+    torch.manual_seed(0)
+    module = Net()
+    early = {"target": "val_loss", "patience": 1, "mode": "max"}
+    trainer = tk.Trainer(**fit_kwargs("fsdp", out_dir / "early", early_stop=early, max_steps=20))
+    results["early"] = fit_summary(trainer, module, trainer.fit(module, *shuffled_loaders()))
+    # A unit class that matches nothing: refused before any file is written.
+    try:
+        tk.Trainer(**fit_kwargs("fsdp", out_dir / "bad_units", fsdp_units=(torch.nn.Conv2d,))).fit(
+            Net(), *shuffled_loaders()
+        )
+    except ValueError as exc:
+        results["bad_units"] = str(exc)
+    torch.save(results, out_dir / f"trainer_rank{rank}.pt")
+
+
 def main() -> None:
     faulthandler.dump_traceback_later(int(os.environ.get("FSDP_WORKER_TIMEOUT", "200")), exit=True)
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group("gloo")
     try:
-        {"parts": parts}[scenario](out_dir)
+        {"parts": parts, "trainer": trainer_runs}[scenario](out_dir)
     finally:
         dist.destroy_process_group()
 

@@ -178,3 +178,99 @@ def test_fsdp_units_is_normalised_to_a_tuple() -> None:
     cfg = TrainerConfig(max_steps=1, strategy="fsdp", distributed=True, fsdp_units=_Block)
     assert cfg.fsdp_units == (_Block,) and cfg.hparams()["fsdp_units"] == "_Block"
     assert TrainerConfig(max_steps=1).strategy == "ddp"
+
+
+# -- Trainer(strategy="fsdp") ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("fsdp_trainer")
+    launch("trainer", str(out))
+    return out, [torch.load(out / f"trainer_rank{r}.pt") for r in (0, 1)]
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(os.listdir(path))
+
+
+def test_trainer_fsdp_matches_ddp(fits: tuple[Path, list[dict]]) -> None:
+    # 8 steps, accumulation 2 over passes of 5 batches (partial steps at pass ends), clipping, AdamW, EMA,
+    # dropout, evaluation of both models every 2 steps on a validation set of 37 (uneven shards).
+    _, runs = fits
+    for rank in (0, 1):
+        ddp, fsdp = runs[rank]["full_ddp"], runs[rank]["full_fsdp"]
+        for name in ddp["params"]:
+            torch.testing.assert_close(fsdp["params"][name], ddp["params"][name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(fsdp["ema"][name], ddp["ema"][name], rtol=1e-5, atol=1e-6)
+        assert [s for s, _ in fsdp["history"]] == [s for s, _ in ddp["history"]] == [2, 4, 6, 8]
+        for (_, a), (_, b) in zip(fsdp["history"], ddp["history"]):
+            assert a.keys() == b.keys() == {"val_loss", "ema_val_loss"}
+            assert a == pytest.approx(b, rel=1e-6)
+        assert fsdp["best_step"] == ddp["best_step"]
+        assert fsdp["ema_is_sharded"] is True
+    assert runs[0]["full_fsdp"]["history"] == runs[1]["full_fsdp"]["history"]  # metrics reduced over ranks
+
+
+def test_trainer_writes_sharded_directories_and_exactly_one_best(fits: tuple[Path, list[dict]]) -> None:
+    out, runs = fits
+    best = runs[0]["full_fsdp"]["best_step"]
+    assert listing(out / "full_fsdp") == [f"best_step_{best:09d}", "step_000000004", "step_000000008"]
+    assert listing(out / "full_fsdp" / "step_000000004") == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert runs[1]["full_fsdp"]["best_checkpoint"] == str(out / "full_fsdp" / f"best_step_{best:09d}")
+    # the early-stop run improved several times: one best_step_ directory is left, the newest
+    assert [n for n in listing(out / "early") if n.startswith("best_")] == [
+        f"best_step_{runs[0]['early']['best_step']:09d}"
+    ]
+    assert runs[0]["early"]["best_step"] > 2
+
+
+def test_resume_mid_pass_from_last_is_bit_exact_with_each_ranks_rng(fits: tuple[Path, list[dict]]) -> None:
+    # should_stop on rank 1 alone at step 6 stops both ranks there (mid-pass: 3 steps per pass); the fit
+    # resumed with ckpt_path="last" from step_000000006 ends exactly where the uninterrupted one did:
+    # weights, EMA, AdamW moments, every rank's RNG stream (dropout draws differ per rank), last metrics.
+    out, runs = fits
+    for rank in (0, 1):
+        stopped, resumed, full = runs[rank]["stopped"], runs[rank]["resumed"], runs[rank]["full_fsdp"]
+        assert (stopped["step"], stopped["stop_reason"]) == (6, "should_stop")
+        assert resumed["step"] == 8
+        for name in full["params"]:
+            assert torch.equal(resumed["params"][name], full["params"][name]), name
+            assert torch.equal(resumed["ema"][name], full["ema"][name]), name
+        assert all(torch.equal(a, b) for a, b in zip(resumed["exp_avg"], full["exp_avg"]))
+        assert torch.equal(resumed["rng"], full["rng"])
+        assert resumed["history"][-1] == full["history"][-1]
+    assert not torch.equal(runs[0]["full_fsdp"]["rng"], runs[1]["full_fsdp"]["rng"])  # the streams differ
+    assert listing(out / "resumed") == ["best_step_000000004", "step_000000003", "step_000000006"]
+
+
+def test_signal_on_one_rank_stops_every_rank_after_the_step_and_saves(fits: tuple[Path, list[dict]]) -> None:
+    out, runs = fits
+    assert [(runs[r]["signal"]["step"], runs[r]["signal"]["stop_reason"]) for r in (0, 1)] == [(3, "signal")] * 2
+    assert "step_000000003" in listing(out / "signal")
+
+
+def test_early_stop_under_fsdp(fits: tuple[Path, list[dict]]) -> None:
+    _, runs = fits
+    assert [runs[r]["early"]["stop_reason"] for r in (0, 1)] == ["early_stop"] * 2
+    assert runs[0]["early"]["step"] == runs[1]["early"]["step"] < 20
+
+
+def test_unit_class_matching_nothing_is_refused_before_any_file(fits: tuple[Path, list[dict]]) -> None:
+    out, runs = fits
+    assert runs[0]["bad_units"].startswith("fsdp_units=('Conv2d',): Conv2d matches no submodule of Net")
+    assert not (out / "bad_units").exists()
+
+
+def test_sharded_checkpoint_reads_in_one_plain_process(fits: tuple[Path, list[dict]]) -> None:
+    from fsdp_worker import Net
+
+    out, runs = fits
+    full = runs[0]["full_fsdp"]
+    ckpt = tk.load_checkpoint(out / "full_fsdp" / "step_000000008")
+    assert ckpt["trainer"]["global_step"] == 8
+    for name, value in full["params"].items():
+        assert torch.equal(ckpt["model"][name], value), name
+    model = tk.load_weights(Net(), out / "full_fsdp" / "step_000000008", ema=True)
+    for name, value in model.named_parameters():
+        assert torch.equal(value.detach(), full["ema"][name]), name
