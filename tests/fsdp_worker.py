@@ -189,7 +189,8 @@ def train(
                             for n, s in opt_state["state"].items()}  # fmt: skip
         out["model_keys"] = sorted(model_state(model))
         out["all_dtensor"] = all(isinstance(v, DTensor) for v in model_state(model).values())
-        out["fsdp_root"] = type(model).__mro__[1].__name__
+        out["task_class"] = type(model).__name__  # the TaskModule keeps its class; its units are FSDPModules
+        out["units"] = sorted({type(m).__mro__[1].__name__ for m in model.blocks})
         if ckpt_dir is not None:
             out["restored_equal"] = dcp_round_trip(ckpt_dir, model, optimizer, ema, length_known)
         par.close(clean=True, failed=False)

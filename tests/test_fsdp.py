@@ -111,7 +111,7 @@ def test_state_dicts_are_sharded_and_keyed_by_parameter_name(parts: list[dict]) 
     assert run["model_keys"] == names
     assert run["opt_keys"] == names  # by name, not position: DCP can reshard into another world size
     assert run["all_dtensor"] is True
-    assert run["fsdp_root"] == "FSDPModule"
+    assert run["task_class"] == "Net" and run["units"] == ["FSDPModule"]
 
 
 class _Block(torch.nn.Module):

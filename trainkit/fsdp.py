@@ -4,9 +4,9 @@
 What each piece does and why:
 
 - ``resolve_units`` / ``shard_module``: every instance of each ``fsdp_units`` class is sharded
-  bottom-up, then the root. The root's all-gather/free hooks run around ``training_step``,
-  ``validation_step``, ``test_step`` and ``predict_step`` (``register_fsdp_forward_method``): trainkit
-  calls those, not ``forward``.
+  bottom-up, then the root: a :class:`StepForwarder` around the module whose ``forward`` runs a step
+  method, so that the root's all-gather/free hooks run around ``training_step``, ``validation_step``,
+  ``test_step`` and ``predict_step`` (trainkit calls those, not ``forward``).
 - ``shard_from_rank0``: shards the whole module, then every rank takes its shard of rank 0's weights (as
   DDP's constructor broadcasts them, so ranks that initialised differently still train one model); only
   shards reach the device. The EMA's shadow is a second copy of the model, made before sharding (a
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
@@ -39,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from .checkpoint import (
@@ -119,7 +120,8 @@ def shard_module(
     mp_policy: MixedPrecisionPolicy,
     mesh: DeviceMesh | None = None,
 ) -> torch.nn.Module:
-    """``fully_shard`` every instance of ``units`` (innermost first), then ``module``; in place.
+    """``fully_shard`` every instance of ``units`` (innermost first), then ``module`` under a
+    :class:`StepForwarder`, the FSDP root, which it returns; ``module``'s step methods go through it.
 
     The module's parameters become ``DTensor`` shards on ``mesh``'s device (dim 0 split as ``torch.chunk``
     does, so a first dimension that does not divide by the world size gives uneven shards, possibly
@@ -128,11 +130,39 @@ def shard_module(
     targets = [m for m in module.modules() if m is not module and isinstance(m, tuple(units))]
     for target in reversed(targets):  # reversed pre-order: a nested unit is sharded before its parent
         fully_shard(target, mesh=mesh, mp_policy=mp_policy)
-    fully_shard(module, mesh=mesh, mp_policy=mp_policy)
+    root = StepForwarder(module)
+    fully_shard(root, mesh=mesh, mp_policy=mp_policy)
     for name in FORWARD_METHODS:
-        if callable(getattr(module, name, None)):
-            register_fsdp_forward_method(module, name)
-    return module
+        if callable(getattr(module, name, None)):  # this instance's steps go through the root
+            setattr(module, name, functools.partial(root, name) if name == "training_step" else _EvalStep(root, name))
+    return root
+
+
+class _EvalStep:
+    """An evaluation step through the root, which then frees its gathered parameters: the root keeps them
+    after a forward (its backward would need them at once), but no backward follows an evaluation step."""
+
+    def __init__(self, root: Any, name: str) -> None:
+        self.root, self.name = root, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.root(self.name, *args, **kwargs)
+        self.root.reshard()
+        return out
+
+
+class StepForwarder(torch.nn.Module):
+    """The FSDP root around a TaskModule: its ``forward(name, *args)`` runs the module's step method
+    ``name``, so that FSDP gathers the parameters that belong to no unit before the step and reduces their
+    gradients after it. The TaskModule itself stays a plain module: a ``self(x)`` inside a step runs no
+    FSDP hooks of its own (hooking the TaskModule directly would run the root's hooks twice per step)."""
+
+    def __init__(self, task: torch.nn.Module) -> None:
+        super().__init__()
+        self.task = task
+
+    def forward(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(type(self.task), name)(self.task, *args, **kwargs)
 
 
 def shard_from_rank0(
@@ -142,27 +172,28 @@ def shard_from_rank0(
     mesh: DeviceMesh,
     *,
     ema: bool = False,
-) -> torch.nn.Module | None:
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """Shard ``module`` (still whole, on any device) and give every rank its shard of *rank 0's* weights,
-    as DDP's constructor broadcasts them; with ``ema``, return a frozen shadow sharded the same way and
-    equal to it (a sharded module cannot be deep-copied, so the copy is made first).
+    as DDP's constructor broadcasts them. Returns the FSDP root (a :class:`StepForwarder`) and, with
+    ``ema``, a frozen shadow sharded the same way and equal to it (a sharded module cannot be deep-copied,
+    so the copy is made first).
 
     Only shards reach ``mesh``'s device: the whole module is never moved there.
     """
     rank0_state = module.state_dict() if dist.get_rank() == 0 else {}  # references: no copy
     shadow = copy.deepcopy(module) if ema else None
-    shard_module(module, units, mp_policy, mesh)
+    root = shard_module(module, units, mp_policy, mesh)
     set_model_state_dict(module, rank0_state,
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))  # fmt: skip
     del rank0_state
     if shadow is None:
-        return None
+        return root, None
     shadow.eval().requires_grad_(False)
     shard_module(shadow, units, mp_policy, mesh)
     with torch.no_grad():
         for dst, src in zip(shadow.state_dict(keep_vars=True).values(), module.state_dict(keep_vars=True).values()):
             _local(dst).copy_(_local(src))
-    return shadow
+    return root, shadow
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -222,14 +253,13 @@ class FSDPParallel(DDP):
         super().__init__(config)
         self.mp_policy = mixed_precision_policy(config.precision)
         self.pass_length_known = True
-        self.module: torch.nn.Module | None = None
+        self.root: torch.nn.Module | None = None  # the StepForwarder around the TaskModule
         self.ema_shadow: torch.nn.Module | None = None
 
     def place(self, module: torch.nn.Module, device: torch.device) -> None:
         units = resolve_units(module, self.config.fsdp_units)
         mesh = init_device_mesh(device.type, (self.dist.world_size,))
-        self.ema_shadow = shard_from_rank0(module, units, self.mp_policy, mesh, ema=self.config.use_ema)
-        self.module = module
+        self.root, self.ema_shadow = shard_from_rank0(module, units, self.mp_policy, mesh, ema=self.config.use_ema)
 
     def prepare_loaders(self, train: Any, val: Any, test: Any) -> tuple[Any, Any, Any]:
         train, val, test = super().prepare_loaders(train, val, test)
@@ -263,13 +293,13 @@ class FSDPParallel(DDP):
             reduce_held_back_gradients(self._root())
 
     def close(self, clean: bool, failed: bool) -> None:
-        self.module = self.ema_shadow = None
+        self.root = self.ema_shadow = None
         super().close(clean, failed)
 
     def _root(self) -> Any:
-        if self.module is None:
+        if self.root is None:
             raise RuntimeError("FSDPParallel.place has not been called")
-        return self.module
+        return self.root
 
 
 class ShardedCheckpointer(Checkpointer):
