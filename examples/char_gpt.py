@@ -91,7 +91,7 @@ class CharGPT(tk.TaskModule):
     fsdp_units = (Block,)  # what strategy="fsdp" shards as units (Trainer(fsdp_units=...) overrides)
 
     def __init__(
-        self, layers: int = 3, dim: int = 96, heads: int = 4, block: int = 64, lr: float = 3e-3,
+        self, layers: int = 3, dim: int = 96, heads: int = 4, block: int = 64, lr: float = 1e-2,
         max_steps: int = 300, warmup_steps: int = 30,
     ) -> None:  # fmt: skip
         super().__init__()
@@ -125,15 +125,19 @@ class CharGPT(tk.TaskModule):
 
 @torch.no_grad()
 def sample(model: CharGPT, prompt: bytes, length: int, seed: int, temperature: float = 0.8) -> str:
-    """Continue ``prompt`` by ``length`` bytes, sampling each from the model (one plain process)."""
+    """Continue ``prompt`` by ``length`` printable ASCII characters (and newlines), each sampled from the
+    model (one plain process)."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
+    unprintable = torch.ones(256, dtype=torch.bool)
+    unprintable[32:127] = unprintable[10] = False
     tokens = torch.tensor(list(prompt), dtype=torch.long)[None]
     for _ in range(length):
         logits = model(tokens[:, -model.block :])[0, -1].float() / temperature
+        logits[unprintable] = -float("inf")
         nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
         tokens = torch.cat([tokens, nxt[None]], 1)
-    return bytes(tokens[0].tolist()).decode("utf-8", errors="replace")
+    return bytes(tokens[0].tolist()).decode("ascii")
 
 
 class PrintMetrics(tk.Callback):

@@ -274,3 +274,36 @@ def test_sharded_checkpoint_reads_in_one_plain_process(fits: tuple[Path, list[di
     model = tk.load_weights(Net(), out / "full_fsdp" / "step_000000008", ema=True)
     for name, value in model.named_parameters():
         assert torch.equal(value.detach(), full["ema"][name]), name
+
+
+# -- examples/char_gpt.py --smoke -----------------------------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "char_gpt.py"
+
+
+def run_example(*args: str, cwd: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("TORCHELASTIC")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(EXAMPLE), *args]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_char_gpt_example_smoke_trains_sharded_then_resumes_from_last(tmp_path: Path) -> None:
+    import re
+
+    out = run_example("--smoke", "--strategy", "fsdp", "--checkpoint-dir", "ckpts", cwd=tmp_path)
+    assert re.findall(r"^step +(\d+)  val_bpc \d+\.\d{3}  ema_val_bpc \d+\.\d{3}", out, re.M) == ["3", "6", "9", "12"]
+    assert "strategy=fsdp x 2, max 12 steps" in out
+    assert "stopped at step 12 (max_steps); best: " in out
+    samples = re.findall(r"^--- sample \d \(EMA weights\)\n(.*?)\n(?=---|wall time)", out, re.M | re.S)
+    assert [s.split(" ")[0] for s in samples] == ["def", "class", "import"]
+    names = listing(tmp_path / "ckpts")
+    assert names[1:] == ["step_000000006", "step_000000012"] and names[0].startswith("best_step_")
+    # The same command again resumes from the newest complete checkpoint: nothing left to train, and the
+    # samples come from the same best weights.
+    again = run_example("--smoke", "--strategy", "fsdp", "--checkpoint-dir", "ckpts", cwd=tmp_path)
+    assert "stopped at step 12 (max_steps)" in again and "val_bpc" not in again
+    assert re.findall(r"^--- sample \d \(EMA weights\)\n(.*?)\n(?=---|wall time)", again, re.M | re.S) == samples
