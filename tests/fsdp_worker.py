@@ -2,6 +2,7 @@
 
     python -m torch.distributed.run --nproc_per_node=2 tests/fsdp_worker.py parts OUT_DIR
     python -m torch.distributed.run --nproc_per_node=2 tests/fsdp_worker.py trainer OUT_DIR
+    python -m torch.distributed.run --nproc_per_node=1 tests/fsdp_worker.py reshard OUT_DIR   # after trainer
 
 ``parts``: trainkit.fsdp's pieces in a hand-written loop (the same loop the Trainer runs), next to the
 same loop under DDP, from the same seed and data. ``trainer``: ``Trainer(strategy="fsdp")`` fits next to
@@ -353,12 +354,32 @@ def trainer_runs(out_dir: Path) -> None:
     torch.save(results, out_dir / f"trainer_rank{rank}.pt")
 
 
+class Capture(tk.Callback):
+    """The weights and AdamW moments as fit starts (after a checkpoint was restored), in full."""
+
+    def on_fit_start(self, trainer: Any, module: Any) -> None:
+        state = trainer.optimizer.state_dict()["state"]
+        self.params = {n: full(p) for n, p in module.named_parameters()}
+        self.exp_avg = [full(state[i]["exp_avg"]) for i in sorted(state)]
+        self.ema = {n: full(p) for n, p in trainer.ema_module.named_parameters()}
+
+
+def reshard(out_dir: Path) -> None:
+    """Resume a checkpoint two ranks wrote in a world of another size (this launch's)."""
+    capture = Capture()
+    trainer = tk.Trainer(**fit_kwargs("fsdp", out_dir / "reshard", callbacks=[capture], max_steps=6))
+    module = Net(dropout=0.2)
+    result = trainer.fit(module, *shuffled_loaders(), ckpt_path=out_dir / "full_fsdp" / "step_000000004")
+    torch.save({"params": capture.params, "exp_avg": capture.exp_avg, "ema": capture.ema, "step": result.global_step,
+                "world_size": dist.get_world_size()}, out_dir / f"reshard_rank{dist.get_rank()}.pt")  # fmt: skip
+
+
 def main() -> None:
     faulthandler.dump_traceback_later(int(os.environ.get("FSDP_WORKER_TIMEOUT", "200")), exit=True)
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group("gloo")
     try:
-        {"parts": parts, "trainer": trainer_runs}[scenario](out_dir)
+        {"parts": parts, "trainer": trainer_runs, "reshard": reshard}[scenario](out_dir)
     finally:
         dist.destroy_process_group()
 

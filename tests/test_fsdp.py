@@ -31,11 +31,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*args: str) -> str:
+def launch(*args: str, nproc: int = 2) -> str:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("TORCHELASTIC")}
     env.update(OMP_NUM_THREADS="1", FSDP_WORKER_TIMEOUT=str(LAUNCH_TIMEOUT - 30))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           WORKER, *args]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", WORKER, *args]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # fmt: skip
     try:
@@ -274,6 +274,20 @@ def test_sharded_checkpoint_reads_in_one_plain_process(fits: tuple[Path, list[di
     model = tk.load_weights(Net(), out / "full_fsdp" / "step_000000008", ema=True)
     for name, value in model.named_parameters():
         assert torch.equal(value.detach(), full["ema"][name]), name
+
+
+def test_weights_optimizer_state_and_ema_load_into_another_world_size(fits: tuple[Path, list[dict]]) -> None:
+    # step_000000004 was written by two ranks; one rank (a world of 1) resumes from it: DCP reshards.
+    out, _ = fits
+    launch("reshard", str(out), nproc=1)
+    got = torch.load(out / "reshard_rank0.pt")
+    saved = tk.load_checkpoint(out / "full_fsdp" / "step_000000004")
+    assert got["world_size"] == 1 and got["step"] == 6
+    for name, value in saved["model"].items():
+        assert torch.equal(got["params"][name], value), name
+        assert torch.equal(got["ema"][name], saved["ema"]["state_dict"][name]), name
+    moments = saved["optimizers"][0]["state"]
+    assert [torch.equal(a, moments[i]["exp_avg"]) for i, a in enumerate(got["exp_avg"])] == [True] * len(moments)
 
 
 # -- examples/char_gpt.py --smoke -----------------------------------------------------------------------------

@@ -15,9 +15,11 @@ What each piece does and why:
   communication.
 - ``clip_grad_norm``: ``torch.nn.utils.clip_grad_norm_`` over the DTensor gradients is the 2-norm over all
   shards (one all-reduce of the squared local norms).
-- ``model_state`` / ``optimizer_state`` (and their ``load_*``): sharded DTensor state dicts from
-  ``torch.distributed.checkpoint.state_dict``, the optimizer's keyed by parameter name, so DCP can load
-  them into another world size.
+- Checkpoints: under FSDP2 the module's and the optimizer's own ``state_dict()`` already hold DTensor
+  shards under the usual names and positions, so a sharded checkpoint has the same entries as a
+  single-file one; ``ShardedCheckpointer`` writes them with every rank
+  (:mod:`trainkit.dcp`) and loads them in place. ``model_state`` / ``optimizer_state`` (keyed by name,
+  ``torch.distributed.checkpoint.state_dict``) are for loops of one's own.
 - ``FSDPParallel``: the trainer's "how this run is parallel" piece for FSDP, built from the above.
 """
 
@@ -202,7 +204,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def local_numel(tensors: Iterable[torch.Tensor]) -> int:
     """Elements this rank holds of ``tensors`` (a DTensor counts its local shard only)."""
-    return sum((t.to_local() if isinstance(t, DTensor) else t).numel() for t in tensors)
+    return sum(_local(t).numel() for t in tensors)
 
 
 def clip_grad_norm(params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -237,8 +239,8 @@ class FSDPParallel(DDP):
 
     Process group, loaders and teardown are DDP's. ``place`` shards the module (and the EMA's shadow)
     instead of moving it: it runs before the optimizer is built, which must see the sharded parameters.
-    ``training_step`` itself is the forward (FSDP's hooks run around it); the stop vote goes over a gloo
-    side group (there is no DDP bucket to carry it).
+    The module's step methods run through the FSDP root (:func:`shard_module`); the stop vote goes over a
+    gloo side group (there is no DDP bucket to carry it).
 
     Accumulation: with a loader whose length is known, micro-steps run without gradient reduction
     (``set_requires_gradient_sync(False)``; each rank keeps its unsharded gradient sum) and the boundary
