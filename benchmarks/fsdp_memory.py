@@ -13,8 +13,9 @@ alternating ddp, fsdp, ddp, ... for ``--repeats`` rounds. Per rank, three memory
 - state: bytes of the tensors this rank holds after training (its parameters, AdamW state and EMA, each
   counted from the local shard under FSDP) plus the gradients, counted as the parameters' size;
 - peak RSS while training: the process's resident-set high-water mark (VmHWM), reset through
-  /proc/self/clear_refs once the first optimizer step is done, read after the last: everything training
-  touched (activations, communication buffers, allocator slack) beyond what was already resident;
+  /proc/self/clear_refs once the first optimizer step is done (after ``malloc_trim`` has handed freed heap
+  pages back, such as the whole model's before sharding), read after the last: everything resident while
+  training (the interpreter and torch, ~0.3 GB, included: activations, communication buffers, slack);
 - peak RSS over the whole run, model construction included: each rank builds the whole model before
   sharding it (trainkit takes the module as the user built it), so FSDP's construction peak is DDP's.
 
@@ -28,6 +29,8 @@ cores, so the time ratio says what sharding costs in communication here, not on 
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import re
@@ -97,6 +100,8 @@ class Meter(tk.Callback):
     def on_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == 1 and not self.start:
             self.hwm_before = vm_kib("VmHWM")
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages (the whole model, before sharding) back
             with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
                 f.write("5")  # reset VmHWM to the current RSS
             self.start = time.perf_counter()
