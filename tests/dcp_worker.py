@@ -22,9 +22,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import _init_optim_state
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from trainkit.checkpoint import CheckpointStorage
+from trainkit.checkpoint import CheckpointError, CheckpointStorage
 from trainkit.dcp import load_dcp, save_dcp
 
 
@@ -191,6 +191,13 @@ def kill(url: str) -> None:
 
 def reshard(out: str, ckpt: str) -> None:
     load_and_report(out, "reshard", seed=3, world=1, rank=0, where=ckpt, name=None)
+    wrong = distribute_tensor(torch.zeros(7, 4), init_device_mesh("cpu", (1,)), [Shard(0)])
+    try:
+        load_dcp({"model": {"a.weight": wrong}}, ckpt)
+    except CheckpointError as exc:
+        report = torch.load(os.path.join(out, "reshard_rank0.pt"), weights_only=True)
+        report["wrong_shape"] = str(exc)
+        torch.save(report, os.path.join(out, "reshard_rank0.pt"))
 
 
 if __name__ == "__main__":

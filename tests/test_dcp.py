@@ -8,6 +8,7 @@ environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT), so that the test sees each ran
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -244,6 +245,8 @@ def test_sharded_checkpoint_on_s3(run):
     assert_same(tk.load_checkpoint(url, storage_options=options), run.reference, "load_checkpoint on s3")
     weights = tk.load_weights(Net(), url, ema=True, storage_options=options)
     assert_same(weights.state_dict(), run.reference["ema"]["state_dict"], "load_weights on s3")
+    assert cli(["convert", url, "best.ckpt", "--storage-options", json.dumps(options)]) == 0
+    assert_same(torch.load("best.ckpt", weights_only=True), run.reference, "converted from s3")
     storage = CheckpointStorage(run.s3_url, options)
     assert complete_checkpoints(storage) == {name: 2}
     delete_checkpoint_dir(storage, name)
@@ -256,6 +259,10 @@ def test_weights_and_optimizer_state_load_into_another_world_size(run):
     assert_same(report["model"], run.reference["model"], "model")
     assert_same(report["optim"], run.reference["optimizers"][0], "optimizer")
     assert_same(report["shards"]["model"], run.reference["model"], "a world of 1 holds everything")
+    assert report["wrong_shape"] == (
+        f"entry 'model.a.weight' of '{run.ckpt / 'step_000000002'}' has shape (6, 4); the state_dict's "
+        "DTensor has (7, 4)"
+    )
 
 
 # -- SIGKILL in the middle of a sharded save ---------------------------------------------------------------
@@ -366,7 +373,11 @@ def test_a_crafted_entry_runs_no_code(tmp_path):
 
 def test_a_checkpoint_written_by_plain_dcp_reads_as_nested_dicts(tmp_path):
     directory = str(tmp_path / "plain")
-    state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "extra": {"epoch": 3, "names": ["a", "b"]}}
+    state = {
+        "model": {"w": torch.arange(6.0).reshape(2, 3)},
+        "optimizers": [{"state": {"m": torch.ones(2)}}, {"state": {"m": torch.zeros(1)}}],
+        "extra": {"epoch": 3, "names": ["a", "b"]},
+    }
     with pytest.warns(UserWarning):
         stock_dcp.save(state, checkpoint_id=directory, no_dist=True)  # pathlib paths in its metadata
     assert_same(load_full(directory), state, "plain DCP")
@@ -408,6 +419,16 @@ def test_local_delete_and_replace(tmp_path):
     assert latest_complete(storage) == "step_000000002"  # a tie goes to the regular one
 
 
+def test_saving_a_name_again_on_s3_replaces_it(endpoint):
+    client, bucket = new_bucket(endpoint)
+    storage = CheckpointStorage(f"s3://{bucket}/run", s3_options(endpoint))
+    save_dcp(small_checkpoint(1), storage, "step_000000001")
+    save_dcp(small_checkpoint(2), storage, "step_000000001")
+    assert bucket_keys(client, bucket) == ["run/step_000000001/.metadata", "run/step_000000001/__0_0.distcp"]
+    again = load_full(f"s3://{bucket}/run/step_000000001", s3_options(endpoint))
+    assert_same(again, small_checkpoint(2), "replaced")
+
+
 # -- conversion --------------------------------------------------------------------------------------------
 
 
@@ -424,7 +445,7 @@ def test_convert_round_trip(run, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["converted.ckpt"]  # written atomically: no temporary left
     assert_same(torch.load(single, weights_only=True), run.reference, "single file")
     back = tmp_path / "sharded" / "step_000000002"
-    assert cli(["convert", str(single), str(back)]) == 0
+    assert Path.cwd() == tmp_path and cli(["convert", str(single), "sharded/step_000000002"]) == 0  # relative
     assert sorted(os.listdir(back)) == [".metadata", "__0_0.distcp"]
     assert_same(load_full(back), run.reference, "sharded again")
 

@@ -18,13 +18,20 @@ only makes visible when it completes. Other filesystems write a temporary name a
 
 from __future__ import annotations
 
+import codecs
+import copy
 import io
+import logging
 import os
 import pickle
+import pickletools
 import re
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable
+import warnings
+import zipfile
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -32,6 +39,7 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+log = logging.getLogger("trainkit")
 FORMAT_VERSION = 1
 FORMAT_KEY = "trainkit_format"
 BEST_NAME = "best.ckpt"
@@ -159,6 +167,33 @@ class CheckpointStorage:
     def regular_steps(self) -> list[int]:
         return sorted(s for s in (regular_step(n) for n in self.names()) if s is not None)
 
+    def check_writable(self) -> None:
+        """Make the directory and write, then delete, a tiny hidden probe object in it (named like
+        trainkit's temporary files); local directories it had to make are removed again, so the tree is as
+        it was. Raises ValueError naming ``checkpoint_dir`` and the reason when that fails: a path that is
+        an existing file or lies under one, no permission, a bucket that is missing and cannot be created,
+        a store that cannot be reached."""
+        probe = self.path(f".write-check.tmp-{uuid.uuid4().hex}")
+        made: list[str] = []  # local directories that do not exist yet, deepest first
+        path = self.root
+        while self.is_local and not os.path.lexists(path) and path != os.path.dirname(path):
+            made.append(path)
+            path = os.path.dirname(path)
+        try:
+            if self.is_local and os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise NotADirectoryError(f"{self.root!r} is an existing file, not a directory")
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm_file(probe)
+        except Exception as exc:
+            raise ValueError(f"checkpoint_dir={self.url!r} is not writable: {_first_line(exc)}") from exc
+        finally:
+            for directory in made:
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    break
+
     def write(self, name: str, checkpoint: dict[str, Any]) -> str:
         """Serialise and write ``checkpoint`` under ``name``; nothing appears under that name unless all of
         it was written. Returns the location."""
@@ -211,29 +246,198 @@ class CheckpointStorage:
 def _load(fs: fsspec.AbstractFileSystem, path: str, shown: str, map_location: Any) -> dict[str, Any]:
     if not fs.exists(path):
         raise CheckpointNotFoundError(f"checkpoint {shown!r} does not exist")
+    local = isinstance(fs, LocalFileSystem)
     try:
-        if isinstance(fs, LocalFileSystem):
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-        else:
-            obj = torch.load(io.BytesIO(fs.cat_file(path)), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()
-        detail = next((line for line in reason if "Unsupported" in line), reason[0] if reason else "")
-        if "Unsupported" in str(exc):
+        f: Any = open(path, "rb") if local else io.BytesIO(fs.cat_file(path))
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {shown!r} could not be read: {_first_line(exc)}") from exc
+    with f:
+        _inspect(f, shown)  # classifies garbage, damage and forbidden globals before torch sees a byte
+        f.seek(0)
+        try:
+            obj = torch.load(path if local else f, map_location=map_location, weights_only=True)
+        except Exception as exc:  # anything torch raises past the checks above means damaged contents
             raise CheckpointError(
-                f"refused checkpoint {shown!r}: it holds pickled objects that weights_only loading does not "
-                f"allow, and no code from it was run ({detail.strip()})"
+                f"checkpoint {shown!r} is truncated or damaged: its records could not be read "
+                f"({_first_line(exc)})"
             ) from None
+    _check_entries(obj, shown)
+    return obj
+
+
+# -- reading without trusting: classify a file by what is in it ------------------------------------------
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER: first pickle of a legacy file
+_PROBE_BLOCK = 64 * 1024  # a probe fetches this much from each end of a file
+# Allowed globals that a structure-only read builds for real (harmless builtins); the rest become placeholders.
+_REAL = {
+    "collections.OrderedDict": OrderedDict,
+    "collections.Counter": Counter,
+    "builtins.set": set,
+    "builtins.complex": complex,
+    "builtins.bytearray": bytearray,
+    "_codecs.encode": codecs.encode,
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line`` of an exception, without torch's advice on loading unsafely."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if "weights_only" in text or not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
+
+
+def _allowed_globals() -> set[str]:
+    """The ``module.name`` globals that ``torch.load(weights_only=True)`` accepts, user-added ones included."""
+    try:
+        from torch import _weights_only_unpickler as wou
+
+        return set(wou._get_allowed_globals()) | set(wou._get_user_allowed_globals())
+    except (ImportError, AttributeError):  # private API moved: the documented defaults
+        names = {f"torch._utils.{n}" for n in dir(torch._utils) if n.startswith("_rebuild_")}
+        names |= {f"torch.{n}" for n in dir(torch) if isinstance(getattr(torch, n, None), (torch.dtype, type))}
+        return names | set(_REAL) | {"torch.nn.parameter.Parameter", "torch.serialization._get_layout"}
+
+
+def _global_name(module: str, name: str) -> str:
+    if (module, name) in NAME_MAPPING:
+        module, name = NAME_MAPPING[(module, name)]
+    return f"{IMPORT_MAPPING.get(module, module)}.{name}"
+
+
+def _scan_globals(f: Any) -> list[str]:
+    """The globals one pickle names (GLOBAL and STACK_GLOBAL), read with ``pickletools.genops``: nothing
+    is imported or run. Leaves ``f`` just past the pickle's STOP; raises ValueError if it is no pickle."""
+    found: list[str] = []
+    pushed: list[Any] = []  # the values of recent pushes where they are strings, for STACK_GLOBAL
+    memo: dict[Any, Any] = {}
+    for op, arg, _ in pickletools.genops(f):
+        if op.name == "GLOBAL":
+            found.append(_global_name(*str(arg).split(" ", 1)))
+        elif op.name == "STACK_GLOBAL":
+            module, name = pushed[-2:] if len(pushed) > 1 else [None, None]
+            if isinstance(module, str) and isinstance(name, str):
+                found.append(_global_name(module, name))
+            else:
+                found.append("<a global named by computed strings>")
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = pushed[-1] if pushed else None
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(arg))
+        elif op.name not in ("PROTO", "FRAME", "STOP"):
+            pushed.append(arg if isinstance(arg, str) else None)
+    return found
+
+
+class _Placeholder:
+    """Stands in for every tensor, storage and torch object when a pickle is read only for its structure."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _SkeletonUnpickler(pickle.Unpickler):
+    """Unpickles a checkpoint's structure: allowed globals become placeholders (or safe builtins), tensor
+    data is never read; it records the storage records the pickle refers to."""
+
+    def __init__(self, f: Any, allowed: set[str]) -> None:
+        super().__init__(f)
+        self.allowed = allowed
+        self.storage_keys: list[str] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = _global_name(module, name)
+        if full not in self.allowed:  # already refused by the scan; a second lock
+            raise pickle.UnpicklingError(f"forbidden global {full}")
+        return _REAL.get(full, _Placeholder)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) > 2 and pid[0] == "storage":
+            self.storage_keys.append(str(pid[2]))
+        return _Placeholder()
+
+
+def _skeleton(f: Any, shown: str, allowed: set[str], what: str) -> tuple[Any, list[str]]:
+    """Scan the next pickle in ``f`` for forbidden globals, then unpickle its structure (placeholders for
+    tensors). Returns the structure and the storage records it refers to; ``f`` ends past the pickle."""
+    start = f.tell()
+    try:
+        names = _scan_globals(f)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {shown!r} is {what}: {_first_line(exc)}") from None
+    forbidden = sorted({n for n in names if n not in allowed})
+    if forbidden:
         raise CheckpointError(
-            f"checkpoint {shown!r} is corrupt or not a torch file ({detail.strip()})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]  # an EOFError may have no message
-        raise CheckpointError(
-            f"checkpoint {shown!r} is truncated or corrupt and could not be read: {first_line}"
-        ) from None
+            f"refused checkpoint {shown!r}: it refers to forbidden objects {', '.join(forbidden)}, which "
+            "torch.load(weights_only=True) does not allow; nothing was loaded and no code from it was run"
+        )
+    f.seek(start)
+    reader = _SkeletonUnpickler(f, allowed)
+    try:
+        return reader.load(), reader.storage_keys
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {shown!r} is {what}: {_first_line(exc)}") from None
+
+
+def _inspect(f: Any, shown: str) -> Any:
+    """Classify the file open as ``f`` (seekable, binary) without running anything from it; return its
+    structure, tensors replaced by placeholders. Raises CheckpointError: not a torch file, truncated or
+    damaged, refers to forbidden objects, or lacks required entries. Reads only the zip directory and the
+    pickle record of a torch zip file (a legacy file: its pickles up to the tensor data)."""
+    allowed = _allowed_globals()
+    head = f.read(4)
+    f.seek(0)
+    if head in _ZIP_MAGIC:
+        try:
+            archive = zipfile.ZipFile(f)
+            names = archive.namelist()
+            pkl = next((n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")), None)
+            if pkl is None:
+                raise CheckpointError(f"checkpoint {shown!r} is not a torch file (a zip archive with no data.pkl)")
+            info = copy.copy(archive.getinfo(pkl))
+            # CRC 0: written with torch's crc32 option off; there is nothing to check.
+            info.CRC = info.CRC or None  # type: ignore[assignment]
+            with archive.open(info) as stream:
+                record = stream.read()  # checks the record's CRC
+        except CheckpointError:
+            raise
+        except Exception as exc:  # zipfile raises BadZipFile, struct.error, EOFError, ValueError ...
+            raise CheckpointError(
+                f"checkpoint {shown!r} is truncated or damaged: its zip records are unreadable "
+                f"({_first_line(exc)})"
+            ) from None
+        prefix = pkl[: -len("data.pkl")]
+        skeleton, keys = _skeleton(io.BytesIO(record), shown, allowed, "truncated or damaged (its data.pkl does not unpickle)")
+        missing = sorted({k for k in keys if f"{prefix}data/{k}" not in names})
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {shown!r} is truncated or damaged: tensor records {missing[:5]} are missing"
+            )
+    else:  # a legacy torch file is a run of pickles; anything else is not a torch file
+        magic, _ = _skeleton(f, shown, allowed, "not a torch file (neither a zip archive nor a pickle)")
+        if type(magic) is not int or magic != _LEGACY_MAGIC:
+            raise CheckpointError(
+                f"checkpoint {shown!r} is not a torch file (a pickle without torch's header)"
+            )
+        for _ in range(2):  # protocol version and system info, then the object itself
+            _skeleton(f, shown, allowed, "truncated or damaged (its pickles are cut or damaged)")
+        skeleton, _ = _skeleton(f, shown, allowed, "truncated or damaged (its pickles are cut or damaged)")
+    _check_entries(skeleton, shown)
+    return skeleton
+
+
+def _check_entries(obj: Any, shown: str) -> None:
     if not isinstance(obj, dict) or FORMAT_KEY not in obj:
         raise CheckpointError(f"{shown!r} is not a trainkit checkpoint (no {FORMAT_KEY!r} entry)")
+    if not isinstance(obj[FORMAT_KEY], int):
+        raise CheckpointError(f"checkpoint {shown!r} is damaged: its {FORMAT_KEY!r} is {obj[FORMAT_KEY]!r}")
     if obj[FORMAT_KEY] > FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {shown!r} has format {obj[FORMAT_KEY]}, newer than this trainkit reads ({FORMAT_VERSION})"
@@ -241,7 +445,104 @@ def _load(fs: fsspec.AbstractFileSystem, path: str, shown: str, map_location: An
     missing = [k for k in REQUIRED_KEYS if k not in obj]
     if missing:
         raise CheckpointError(f"checkpoint {shown!r} lacks the entries {missing}")
-    return obj
+
+
+class _RangeReader(io.RawIOBase):
+    """A seekable binary file over ``fs.cat_file(path, start, end)`` that fetches the first and the last
+    ``_PROBE_BLOCK`` bytes once each (a torch zip's pickle record and its directory) and anything else
+    with one ranged request per read: a probe costs two requests however large the file."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, size: int) -> None:
+        self.fs, self.path, self.size, self.pos = fs, path, size, 0
+        tail = max(_PROBE_BLOCK, size - _PROBE_BLOCK)
+        self.blocks: dict[tuple[int, int], bytes | None] = {(0, min(size, _PROBE_BLOCK)): None}
+        if tail < size:
+            self.blocks[(tail, size)] = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = max(0, offset + (0, self.pos, self.size)[whence])
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        end = min(self.size, self.pos + len(buffer))
+        if end <= self.pos:
+            return 0
+        span = next(((a, b) for a, b in self.blocks if a <= self.pos and end <= b), None)
+        if span is None:
+            data = self.fs.cat_file(self.path, start=self.pos, end=end)
+        else:
+            block = self.blocks[span]
+            if block is None:
+                block = self.blocks[span] = self.fs.cat_file(self.path, start=span[0], end=span[1])
+            data = block[self.pos - span[0] : end - span[0]]
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def probe_step(storage: CheckpointStorage, name: str) -> int:
+    """The ``trainer.global_step`` of checkpoint ``name``, after checking without reading its tensor data
+    that it is a complete, safe trainkit file: its zip directory, its pickle record (unpickled with
+    placeholders for tensors, under a restricted unpickler) and that every tensor record it refers to is
+    listed. Reads 128 KiB in two requests however large the file (more only for a directory or pickle
+    record larger than 64 KiB). Raises CheckpointError naming the file."""
+    shown, path = storage.location(name), storage.path(name)
+    try:
+        size = int(storage.fs.size(path))
+    except (OSError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {shown!r} could not be read: {_first_line(exc)}") from exc
+    with io.BufferedReader(_RangeReader(storage.fs, path, size), buffer_size=4096) as f:
+        try:
+            skeleton = _inspect(f, shown)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint {shown!r} could not be read: {_first_line(exc)}") from exc
+    step = skeleton[KEY_TRAINER].get("global_step") if isinstance(skeleton[KEY_TRAINER], dict) else None
+    if type(step) is not int:
+        raise CheckpointError(f"checkpoint {shown!r} is damaged: it holds no trainer.global_step")
+    return step
+
+
+def complete_checkpoints(storage: CheckpointStorage) -> Iterator[tuple[str, int]]:
+    """``(name, step)`` of the complete checkpoints in ``storage``, newest first: regular files (whose
+    names carry the step) and ``best.ckpt``; on a tie the regular file comes first (it is written after
+    the best of the same step). Each is checked with :func:`probe_step` only when reached; a damaged one
+    is skipped with a warning (``warnings.warn`` and the log) naming it and the reason."""
+
+    def usable(name: str) -> int | None:
+        try:
+            return probe_step(storage, name)
+        except CheckpointError as exc:
+            message = f"trainkit: ckpt_path='last' skips a damaged checkpoint: {exc}"
+            log.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            return None
+
+    names = storage.names()
+    best_step = usable(BEST_NAME) if BEST_NAME in names else None
+    for step in sorted((s for s in map(regular_step, names) if s is not None), reverse=True):
+        if best_step is not None and best_step > step:
+            yield BEST_NAME, best_step
+            best_step = None
+        if usable(regular_name(step)) is not None:
+            yield regular_name(step), step
+    if best_step is not None:
+        yield BEST_NAME, best_step
+
+
+def find_last(storage: CheckpointStorage) -> tuple[str, int] | None:
+    """Name and step of the newest complete checkpoint in ``storage`` (what ``ckpt_path="last"`` resumes
+    from), or None when there is none. Damaged candidates are skipped with a warning naming them; only
+    the zip directory and pickle record of the candidates reached are read (see :func:`probe_step`)."""
+    return next(complete_checkpoints(storage), None)
 
 
 def load_checkpoint(

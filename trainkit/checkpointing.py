@@ -22,6 +22,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import torch
+
 from .checkpoint import (
     BEST_NAME,
     FORMAT_KEY,
@@ -37,8 +39,10 @@ from .checkpoint import (
     AsyncWriter,
     CheckpointError,
     CheckpointStorage,
+    complete_checkpoints,
     load_checkpoint,
     regular_name,
+    regular_step,
 )
 from .distributed import DistContext
 
@@ -178,9 +182,30 @@ class Checkpointer:
         on_save: Callable[[dict[str, Any]], None],
         on_load: Callable[[dict[str, Any]], None],
     ) -> None:
-        """The pieces of this fit (see :func:`trainer_pieces`) and the hooks that see every checkpoint."""
+        """The pieces of this fit (see :func:`trainer_pieces`) and the hooks that see every checkpoint;
+        then, before any step, :meth:`check_storage`."""
         self.pieces, self.dist, self.on_save, self.on_load = pieces, dist, on_save, on_load
         self.writer = AsyncWriter() if async_writes else None
+        self.check_storage()
+
+    def check_storage(self) -> None:
+        """Rank 0 makes ``checkpoint_dir`` and writes and deletes a probe in it (see
+        :meth:`CheckpointStorage.check_writable`); under DDP one broadcast gives every rank its verdict, so
+        all ranks raise the same ValueError naming ``checkpoint_dir`` and none is left waiting."""
+        if self.storage is None:
+            return
+        problem: str | None = None
+        if self.dist.is_main:
+            try:
+                self.storage.check_writable()
+            except ValueError as exc:
+                problem = str(exc)
+        if self.dist.enabled:
+            verdict = [problem]
+            torch.distributed.broadcast_object_list(verdict, src=0)
+            problem = verdict[0]
+        if problem is not None:
+            raise ValueError(problem if self.dist.is_main else f"{problem} (found by rank 0)")
 
     def close(self) -> BaseException | None:
         """Wait for an asynchronous write in flight; returns its failure, if any, for fit to raise."""
@@ -227,22 +252,32 @@ class Checkpointer:
     # -- resuming ----------------------------------------------------------------------------------------
 
     def resolve(self, ckpt_path: str | os.PathLike[str]) -> dict[str, Any] | None:
-        """The checkpoint dict to resume from: ``ckpt_path`` itself, or for ``"last"`` the newest of the
-        regular files and best.ckpt in ``checkpoint_dir`` (None, with a warning, when there is none)."""
+        """The checkpoint dict to resume from: ``ckpt_path`` itself, or for ``"last"`` the newest complete
+        one of the regular files and best.ckpt in ``checkpoint_dir`` (see :func:`complete_checkpoints`);
+        damaged candidates are skipped with a warning naming them. None, with a log line, when there is
+        no candidate; a CheckpointError when every candidate is damaged."""
         if ckpt_path != "last":
             return load_checkpoint(ckpt_path, storage_options=self.storage_options)
         storage = self.storage
         assert storage is not None
-        steps = storage.regular_steps()
-        best: dict[str, Any] | None = storage.read(BEST_NAME) if storage.exists(BEST_NAME) else None
-        newest = steps[-1] if steps else None
-        # On a tie the regular file is the newer one: it is written after on_epoch_end, best before.
-        if best is not None and (newest is None or best["trainer"]["global_step"] > newest):
-            log.info("trainkit: resuming from %s", storage.location(BEST_NAME))
-            return best
-        if newest is not None:
-            log.info("trainkit: resuming from %s", storage.location(regular_name(newest)))
-            return storage.read(regular_name(newest))
+        # complete_checkpoints probes each candidate (zip directory and pickle record) and warns about a
+        # damaged one; a candidate that passes the probe but fails the full read is warned about here.
+        for name, _ in complete_checkpoints(storage):
+            try:
+                checkpoint = storage.read(name)
+            except CheckpointError as exc:
+                message = f"trainkit: ckpt_path='last' skips a damaged checkpoint: {exc}"
+                log.warning(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+                continue
+            log.info("trainkit: resuming from %s", storage.location(name))
+            return checkpoint
+        candidates = [n for n in storage.names() if n == BEST_NAME or regular_step(n) is not None]
+        if candidates:  # every one is damaged: starting fresh would silently throw the run away
+            raise CheckpointError(
+                f"ckpt_path='last' found no complete checkpoint in {storage.url!r}: {candidates} are all "
+                "damaged (see the warnings); pass ckpt_path=<file> or move them aside to start fresh"
+            )
         log.warning("trainkit: ckpt_path='last' found no checkpoint in %s; starting fresh", storage.url)
         return None
 

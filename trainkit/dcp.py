@@ -24,6 +24,17 @@ Safety. DCP's own reader unpickles ``.metadata`` with plain ``pickle`` and its d
 non-tensor entries with ``torch.load(weights_only=False)``: either runs code from the checkpoint. trainkit
 reads ``.metadata`` with an unpickler that admits only DCP's metadata classes and torch's basic types,
 and every entry with ``weights_only=True``; anything else raises :class:`CheckpointError` and runs nothing.
+
+From a trainer (every rank)::
+
+    save_dcp(checkpoint, storage, regular_dir_name(step))          # DTensors: each rank writes its shards
+    # resume: make the optimizer's state exist first (e.g. get_optimizer_state_dict, or DCP's
+    # _init_optim_state), so that its DTensors are there to be filled, then
+    loaded = load_dcp(template, storage, latest_complete(storage))  # template: the pieces' state dicts
+    model.load_state_dict(loaded["model"]); optimizer.load_state_dict(loaded["optimizers"][0]) ...
+
+Values that differ per rank (each rank's RNG state) must go under per-rank keys: a key every rank holds
+is written once, with the lowest rank's value.
 """
 
 from __future__ import annotations
@@ -72,10 +83,12 @@ __all__ = [
     "METADATA_NAME",
     "best_dir_name",
     "complete_checkpoints",
+    "convert_checkpoint",
     "delete_checkpoint_dir",
     "is_complete",
     "is_sharded_checkpoint",
     "latest_complete",
+    "load_checkpoint_dir",
     "load_dcp",
     "load_full",
     "read_metadata",
@@ -182,10 +195,6 @@ def _fsync_dir(directory: str) -> None:
 
 
 # -- flattening -------------------------------------------------------------------------------------------
-
-
-def _is_tensor(obj: Any) -> bool:
-    return isinstance(obj, torch.Tensor)
 
 
 def _holds_tensor(obj: Any) -> bool:
@@ -352,7 +361,8 @@ def read_metadata(fs: fsspec.AbstractFileSystem, path: str, shown: str | None = 
     if not fs.exists(meta_path):
         if fs.exists(path):
             raise CheckpointError(
-                f"sharded checkpoint {shown!r} is incomplete: it has no {METADATA_NAME} (its save did not finish)"
+                f"sharded checkpoint {shown!r} is incomplete: it has no {METADATA_NAME} (a save that did not "
+                "finish leaves such a directory; or it is not a checkpoint at all)"
             )
         raise CheckpointNotFoundError(f"checkpoint {shown!r} does not exist")
     try:
@@ -400,17 +410,33 @@ def _check_metadata(md: Any, shown: str) -> None:
 
 
 class _BoundFileSystem(_FsspecFileSystem):
-    """DCP's fsspec filesystem adaptor on an existing fsspec filesystem (with its storage options)."""
+    """DCP's fsspec filesystem adaptor on an existing fsspec filesystem (with its storage options).
 
-    def __init__(self, fs: fsspec.AbstractFileSystem) -> None:
+    ``durable``: each file written is fsynced once closed (DCP's own ``sync_files`` fsyncs before it
+    flushes Python's buffer, so the tail of a file could miss the disk); its directory entry is made
+    durable by the fsync of the directory before the rename that publishes it."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, durable: bool = False) -> None:
         super().__init__()
         self.fs = fs
+        self.durable = durable
 
     def init_path(self, path: str | os.PathLike[str], **kwargs: Any) -> str | os.PathLike[str]:
         return path
 
     def concat_path(self, path: str | os.PathLike[str], suffix: str) -> str:
         return f"{os.fspath(path).rstrip('/')}/{suffix}"
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as stream:
+            yield stream
+        if self.durable and "w" in mode:
+            fd = os.open(os.fspath(path), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 class _SafeReader(FsspecReader):
@@ -433,9 +459,9 @@ class _SafeReader(FsspecReader):
 
 
 class _Writer(FsspecWriter):
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, sync_files: bool) -> None:
-        super().__init__(path, sync_files=sync_files, overwrite=True)
-        self.fs = _BoundFileSystem(fs)  # type: ignore[assignment]
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, durable: bool) -> None:
+        super().__init__(path, sync_files=False, overwrite=True)
+        self.fs = _BoundFileSystem(fs, durable)  # type: ignore[assignment]
         self.path = path
 
 
@@ -546,13 +572,13 @@ def save_dcp(
             dist.broadcast_object_list(token, group=process_group, group_src=0)
         target = storage.path(f".{name}.tmp-{token[0]}")
     else:
-        if rank == 0 and fs.exists(f"{final}/{METADATA_NAME}"):
+        if rank == 0 and is_complete(fs, final):
             fs.rm(f"{final}/{METADATA_NAME}")  # an old complete copy must not count while it is rewritten
         if distributed:
             dist.barrier(group=process_group)
         target = final
 
-    writer = _Writer(fs, target, sync_files=storage.is_local)
+    writer = _Writer(fs, target, durable=storage.is_local)
     planner = DefaultSavePlanner(
         flatten_state_dict=False, flatten_sharded_tensors=False, dedup_save_to_lowest_rank=True
     )
@@ -581,16 +607,16 @@ def save_dcp(
 
 
 def _remove_stale_temporaries(storage: CheckpointStorage, name: str) -> None:
-    prefix = f".{name}.tmp-"
+    """What an earlier save of ``name`` that was killed left behind (hidden, never counted)."""
     if not os.path.isdir(storage.root):
         return
     for entry in os.listdir(storage.root):
-        if entry.startswith(prefix):
+        if entry.startswith((f".{name}.tmp-", f".{name}.trash-")):
             storage.fs.rm(storage.path(entry), recursive=True)
 
 
 def _publish_local(storage: CheckpointStorage, tmp: str, name: str) -> None:
-    _fsync_dir(tmp)  # DCP fsynced the files; this makes their directory entries durable too
+    _fsync_dir(tmp)  # every file was fsynced once closed; this makes their names durable too
     final = storage.path(name)
     old = None
     if os.path.exists(final):
@@ -779,12 +805,11 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 
 
 def _split_parent(url: str) -> tuple[str, str]:
+    if "://" not in url:
+        head, name = os.path.split(os.path.abspath(url))
+        return head, name
     head, _, name = url.rstrip("/").rpartition("/")
-    if not name:
-        raise ValueError(f"dst={url!r} is not valid; expected a path or URL that ends in a name")
-    if not head:
-        head = "." if "://" not in url else head
-    elif head.endswith(":/"):  # "s3://name" has no parent
+    if not name or head.endswith(":/"):  # "s3://bucket" alone has no parent to write into
         raise ValueError(f"dst={url!r} is not valid; expected a name inside a directory or bucket")
     return head, name
 
