@@ -3,6 +3,7 @@
     python -m torch.distributed.run --nproc_per_node=2 tests/fsdp_worker.py parts OUT_DIR
     python -m torch.distributed.run --nproc_per_node=2 tests/fsdp_worker.py trainer OUT_DIR
     python -m torch.distributed.run --nproc_per_node=1 tests/fsdp_worker.py reshard OUT_DIR   # after trainer
+    python -m torch.distributed.run --nproc_per_node=2 tests/fsdp_worker.py s3 OUT_DIR S3_URL  # moto_server
 
 ``parts``: trainkit.fsdp's pieces in a hand-written loop (the same loop the Trainer runs), next to the
 same loop under DDP, from the same seed and data. ``trainer``: ``Trainer(strategy="fsdp")`` fits next to
@@ -344,6 +345,11 @@ def trainer_runs(out_dir: Path) -> None:
     early = {"target": "val_loss", "patience": 1, "mode": "max"}
     trainer = tk.Trainer(**fit_kwargs("fsdp", out_dir / "early", early_stop=early, max_steps=20))
     results["early"] = fit_summary(trainer, module, trainer.fit(module, *shuffled_loaders()))
+    # The same module a second time: it was sharded in place by the first fit.
+    try:
+        tk.Trainer(**fit_kwargs("fsdp", out_dir / "refit")).fit(module, *shuffled_loaders())
+    except ValueError as exc:
+        results["refit"] = str(exc)
     # A unit class that matches nothing: refused before any file is written.
     try:
         tk.Trainer(**fit_kwargs("fsdp", out_dir / "bad_units", fsdp_units=(torch.nn.Conv2d,))).fit(
@@ -374,12 +380,37 @@ def reshard(out_dir: Path) -> None:
                 "world_size": dist.get_world_size()}, out_dir / f"reshard_rank{dist.get_rank()}.pt")  # fmt: skip
 
 
+class Progressing(Net):
+    """A validation metric that improves at every evaluation: every evaluation saves a new best."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return {**super().validation_step(batch, batch_idx), "progress": torch.tensor(float(self.global_step))}
+
+
+def s3_runs(out_dir: Path, url: str) -> None:
+    """A sharded run whose checkpoints go to S3 (moto_server), then a resume from "last" there."""
+    options = {"client_kwargs": {"endpoint_url": os.environ["FSDP_TEST_S3_ENDPOINT"]}}
+    results = {}
+    for max_steps, ckpt_path in ((4, None), (6, "last")):
+        torch.manual_seed(0)
+        module = Progressing()
+        kwargs = fit_kwargs("fsdp", out_dir, checkpoint_dir=url, storage_options=options, max_steps=max_steps,
+                            save_interval=2, monitor={"target": "val_progress", "mode": "max"})  # fmt: skip
+        trainer = tk.Trainer(**kwargs)
+        result = trainer.fit(module, *shuffled_loaders(), ckpt_path=ckpt_path)
+        results[max_steps] = (result.global_step, result.best_step, result.best_checkpoint, len(result.history))
+    torch.save(results, out_dir / f"s3_rank{dist.get_rank()}.pt")
+
+
 def main() -> None:
     faulthandler.dump_traceback_later(int(os.environ.get("FSDP_WORKER_TIMEOUT", "200")), exit=True)
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group("gloo")
     try:
-        {"parts": parts, "trainer": trainer_runs, "reshard": reshard}[scenario](out_dir)
+        if scenario == "s3":
+            s3_runs(out_dir, sys.argv[3])
+        else:
+            {"parts": parts, "trainer": trainer_runs, "reshard": reshard}[scenario](out_dir)
     finally:
         dist.destroy_process_group()
 

@@ -20,6 +20,14 @@ import torch
 import trainkit as tk
 from trainkit.fsdp import resolve_units
 
+try:  # a real moto_server for the S3 case (module-scoped fixture of test_s3)
+    from test_s3 import KEY, REGION, SECRET, boto3, endpoint  # noqa: F401
+except pytest.skip.Exception:  # s3fs or boto3 missing: the S3 case skips, the rest run
+
+    @pytest.fixture(scope="module")
+    def endpoint() -> str:
+        pytest.skip("s3fs/boto3 are not installed")
+
 WORKER = str(Path(__file__).with_name("fsdp_worker.py"))
 LAUNCH_TIMEOUT = 240  # seconds for one launch; a hang dumps the workers' stacks and fails
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -31,9 +39,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*args: str, nproc: int = 2) -> str:
+def launch(*args: str, nproc: int = 2, **extra_env: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("TORCHELASTIC")}
-    env.update(OMP_NUM_THREADS="1", FSDP_WORKER_TIMEOUT=str(LAUNCH_TIMEOUT - 30))
+    env.update(OMP_NUM_THREADS="1", FSDP_WORKER_TIMEOUT=str(LAUNCH_TIMEOUT - 30), **extra_env)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", WORKER, *args]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -260,6 +268,7 @@ def test_unit_class_matching_nothing_is_refused_before_any_file(fits: tuple[Path
     out, runs = fits
     assert runs[0]["bad_units"].startswith("fsdp_units=('Conv2d',): Conv2d matches no submodule of Net")
     assert not (out / "bad_units").exists()
+    assert runs[1]["refit"].startswith("module=Net is already sharded (an earlier fit with strategy='fsdp'")
 
 
 def test_sharded_checkpoint_reads_in_one_plain_process(fits: tuple[Path, list[dict]]) -> None:
@@ -288,6 +297,28 @@ def test_weights_optimizer_state_and_ema_load_into_another_world_size(fits: tupl
         assert torch.equal(got["ema"][name], saved["ema"]["state_dict"][name]), name
     moments = saved["optimizers"][0]["state"]
     assert [torch.equal(a, moments[i]["exp_avg"]) for i, a in enumerate(got["exp_avg"])] == [True] * len(moments)
+
+
+def test_sharded_checkpoints_on_s3_keep_one_best_and_resume_from_last(tmp_path: Path, endpoint: str) -> None:
+    # A real S3 API (moto_server): every evaluation (steps 2 and 4, then 6 after the resume from "last")
+    # saves a new best; each time the old best_step_ directory goes once the new one is complete.
+    import uuid
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+                          region_name=REGION)  # fmt: skip
+    bucket = f"trainkit-fsdp-{uuid.uuid4().hex[:10]}"
+    client.create_bucket(Bucket=bucket)
+    launch("s3", str(tmp_path), f"s3://{bucket}/run", FSDP_TEST_S3_ENDPOINT=endpoint, AWS_ACCESS_KEY_ID=KEY,
+           AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION=REGION, NO_PROXY="127.0.0.1,localhost",
+           no_proxy="127.0.0.1,localhost")  # fmt: skip
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", []))
+    files = [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    dirs = ["best_step_000000006", "step_000000002", "step_000000004", "step_000000006"]
+    assert keys == [f"run/{d}/{f}" for d in dirs for f in files]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"s3_rank{rank}.pt")
+        assert got[4] == (4, 4, f"s3://{bucket}/run/best_step_000000004", 2)
+        assert got[6] == (6, 6, f"s3://{bucket}/run/best_step_000000006", 3)  # resumed at 4: history kept
 
 
 # -- examples/char_gpt.py --smoke -----------------------------------------------------------------------------

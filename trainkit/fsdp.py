@@ -259,6 +259,12 @@ class FSDPParallel(DDP):
         self.ema_shadow: torch.nn.Module | None = None
 
     def place(self, module: torch.nn.Module, device: torch.device) -> None:
+        if any(isinstance(m, FSDPModule) for m in module.modules()):
+            raise ValueError(
+                f"module={type(module).__name__} is already sharded (an earlier fit with strategy='fsdp' "
+                "sharded it in place); expected a fresh module: build a new one and load weights into it "
+                "(tk.load_weights) or resume with ckpt_path"
+            )
         units = resolve_units(module, self.config.fsdp_units)
         mesh = init_device_mesh(device.type, (self.dist.world_size,))
         self.root, self.ema_shadow = shard_from_rank0(module, units, self.mp_policy, mesh, ema=self.config.use_ema)
