@@ -390,32 +390,38 @@ def reduce_held_back_gradients(root: torch.nn.Module) -> None:
 
     FSDP2 keeps these sums on its own parameter records (no public call reduces them), so this reads them
     there: the mean over ranks of each full gradient, then this rank's dim-0 chunk (``torch.chunk``, the
-    split FSDP2 shards by) added to the sharded parameter's gradient.
+    split FSDP2 shards by) added to the sharded parameter's gradient. As ``average_gradients`` does for
+    DDP, the ranks first agree which parameters any of them has a gradient for (the others keep ``None``),
+    so that every rank makes the same collectives.
     """
-    world = dist.get_world_size()
+    records: list[tuple[Any, Any, torch.Tensor | None]] = []
     for module in root.modules():
         if not isinstance(module, FSDPModule):
             continue
-        state = module._get_fsdp_state()
-        for group in state._fsdp_param_groups:
+        for group in module._get_fsdp_state()._fsdp_param_groups:
             for fsdp_param in group.fsdp_params:
-                full = fsdp_param.unsharded_accumulated_grad
-                if full is None and hasattr(fsdp_param, "_unsharded_param"):
-                    full = fsdp_param.unsharded_param.grad
-                if full is None:
-                    continue
-                fsdp_param.unsharded_accumulated_grad = None
-                if hasattr(fsdp_param, "_unsharded_param"):
+                held = fsdp_param.unsharded_accumulated_grad
+                if held is None and hasattr(fsdp_param, "_unsharded_param"):
+                    held = fsdp_param.unsharded_param.grad
                     fsdp_param.unsharded_param.grad = None
-                full = full.detach().to(torch.float32 if group.mp_policy.reduce_dtype is None
-                                        else group.mp_policy.reduce_dtype)  # fmt: skip
-                dist.all_reduce(full)
-                full.div_(world)
-                sharded: Any = fsdp_param.sharded_param
-                chunks = torch.chunk(full, world, dim=0)
-                rank = dist.get_rank()
-                local = chunks[rank] if rank < len(chunks) else full.new_zeros((0, *full.shape[1:]))
-                local = local.to(sharded.dtype).contiguous()
-                grad = DTensor.from_local(local, sharded.device_mesh, sharded.placements,
-                                          shape=sharded.shape, stride=sharded.stride())  # fmt: skip
-                sharded.grad = grad if sharded.grad is None else sharded.grad + grad
+                fsdp_param.unsharded_accumulated_grad = None
+                records.append((group, fsdp_param, held))
+    if not records:
+        return
+    anyone = torch.tensor([float(held is not None) for _, _, held in records])
+    dist.all_reduce(anyone)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    for (group, fsdp_param, held), used in zip(records, anyone.tolist()):
+        if used == 0:
+            continue
+        sharded: Any = fsdp_param.sharded_param
+        dtype = group.mp_policy.reduce_dtype or torch.float32
+        full = held.detach().to(dtype) if held is not None else torch.zeros(sharded.shape, dtype=dtype, device=sharded.device)
+        dist.all_reduce(full)
+        full.div_(world)
+        chunks = torch.chunk(full, world, dim=0)
+        local = chunks[rank] if rank < len(chunks) else full.new_zeros((0, *full.shape[1:]))
+        local = local.to(sharded.dtype).contiguous()
+        grad = DTensor.from_local(local, sharded.device_mesh, sharded.placements,
+                                  shape=sharded.shape, stride=sharded.stride())  # fmt: skip
+        sharded.grad = grad if sharded.grad is None else sharded.grad + grad
