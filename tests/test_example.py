@@ -19,8 +19,9 @@ import torch
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.py"
 
 EVAL_LINE = re.compile(
-    r"^step +(\d+)  epoch +(\d+)  val_loss (\d+\.\d{4})  val_acc (\d+\.\d\d)%  "
-    r"ema_val_loss (\d+\.\d{4})  ema_val_acc (\d+\.\d\d)%  \(\d+\.\d s\)$",
+    r"^step +(\d+)  epoch +(\d+)  val_clean_loss (\d+\.\d{4})  val_clean_acc (\d+\.\d\d)%  "
+    r"val_noisy_acc (\d+\.\d\d)%  ema_val_clean_loss (\d+\.\d{4})  ema_val_clean_acc (\d+\.\d\d)%  "
+    r"ema_val_noisy_acc (\d+\.\d\d)%  \(\d+\.\d s\)$",
     re.M,
 )
 TEST_LINE = re.compile(r"^test accuracy \((base|EMA) weights\): (\d+\.\d\d)% \((\d+)/(\d+)\)$", re.M)
@@ -84,10 +85,12 @@ def test_smoke_run_writes_checkpoints_logs_and_tests_the_best_weights(capsys):
         m = rec["metrics"]
         assert lines[rec["step"]] == (
             str(rec["epoch"]),
-            f"{m['val_loss']:.4f}",
-            f"{m['val_acc'] * 100:.2f}",
-            f"{m['ema_val_loss']:.4f}",
-            f"{m['ema_val_acc'] * 100:.2f}",
+            f"{m['val_clean_loss']:.4f}",
+            f"{m['val_clean_acc'] * 100:.2f}",
+            f"{m['val_noisy_acc'] * 100:.2f}",
+            f"{m['ema_val_clean_loss']:.4f}",
+            f"{m['ema_val_clean_acc'] * 100:.2f}",
+            f"{m['ema_val_noisy_acc'] * 100:.2f}",
         )
 
     # TensorBoard got the same evaluations.
@@ -97,17 +100,22 @@ def test_smoke_run_writes_checkpoints_logs_and_tests_the_best_weights(capsys):
     assert len(events) == 1
     acc = EventAccumulator("runs/digits")
     acc.Reload()
-    scalars = acc.Scalars("ema_val_loss")
+    scalars = acc.Scalars("ema_val_clean_loss")
     assert [e.step for e in scalars] == [10, 20, 30, 40]
     assert [e.value for e in scalars] == pytest.approx(
-        [r["metrics"]["ema_val_loss"] for r in records], rel=1e-6
+        [r["metrics"]["ema_val_clean_loss"] for r in records], rel=1e-6
     )
     assert [e.step for e in acc.Scalars("train_loss")] == [10, 20, 30, 40]  # log_every_n_steps=10
     assert [e.step for e in acc.Scalars("lr")] == [10, 20, 30, 40]
+    # The example's NoisyPredictions callback wrote through trainer.summary_writer into the same event file.
+    assert [(e.step, e.width, e.height) for e in acc.Images("noisy_val/images")] == [
+        (s, 32, 32) for s in (10, 20, 30, 40)
+    ]
+    assert [e.step for e in acc.Tensors("noisy_val/predictions/text_summary")] == [10, 20, 30, 40]
 
-    # best.ckpt is the evaluation with the lowest ema_val_loss (the example's early_stop target).
+    # best.ckpt is the evaluation with the lowest ema_val_clean_loss (the example's early_stop target).
     best = torch.load(ckpt_dir / "best.ckpt", weights_only=True)
-    assert best["trainer"]["global_step"] == _first_min_step(records, "ema_val_loss")
+    assert best["trainer"]["global_step"] == _first_min_step(records, "ema_val_clean_loss")
     step40 = torch.load(ckpt_dir / "step_000000040.ckpt", weights_only=True)
     assert step40["trainer"]["global_step"] == 40
     assert torch.load(ckpt_dir / "step_000000020.ckpt", weights_only=True)["trainer"]["global_step"] == 20
@@ -153,7 +161,7 @@ def test_resume_last_from_an_fsspec_url_continues_bit_exactly(capsys):
         assert sorted(lines_resumed) == [30, 40]
         assert {s: lines_full[s] for s in (30, 40)} == lines_resumed
         records = [json.loads(line) for line in Path("logs-full/metrics.jsonl").read_text().splitlines()]
-        best_step = _first_min_step(records, "ema_val_loss")
+        best_step = _first_min_step(records, "ema_val_clean_loss")
         expected_names = ["step_000000020.ckpt", "step_000000040.ckpt"]
         if best_step > 20:  # best.ckpt is rewritten only when the resumed run improves on the saved best
             expected_names = ["best.ckpt", *expected_names]

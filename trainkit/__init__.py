@@ -7,10 +7,11 @@ Example::
 """
 
 from .callbacks import Callback
-from .checkpoint import CheckpointError, load_checkpoint, load_weights
+from .checkpoint import CheckpointError, CheckpointNotFoundError, load_checkpoint, load_weights
 from .early_stopping import EarlyStopChecker, MetricTracker
 from .ema import EMA
 from .module import TaskModule
+from .rng import seed_everything
 from .schedulers import WarmupScheduler, qWarmupScheduler
 from .trainer import EvalRecord, FitResult, MetricNotFoundError, Trainer
 
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Callback",
     "CheckpointError",
+    "CheckpointNotFoundError",
     "EMA",
     "EarlyStopChecker",
     "EvalRecord",
@@ -31,4 +33,5 @@ __all__ = [
     "load_checkpoint",
     "load_weights",
     "qWarmupScheduler",
+    "seed_everything",
 ]

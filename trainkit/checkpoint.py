@@ -19,13 +19,16 @@ only makes visible when it completes. Other filesystems write a temporary name a
 from __future__ import annotations
 
 import codecs
+import contextlib
 import copy
+import errno
 import io
 import logging
 import os
 import pickle
 import pickletools
 import re
+import time
 import uuid
 import warnings
 import zipfile
@@ -44,6 +47,18 @@ FORMAT_VERSION = 1
 FORMAT_KEY = "trainkit_format"
 BEST_NAME = "best.ckpt"
 _REGULAR = re.compile(r"^step_(\d+)\.ckpt$")
+# What temporary_name() makes (and a sharded save's hidden .trash- copy of the directory it replaces).
+_TEMPORARY = re.compile(r"^\..+\.(tmp|trash)-[0-9a-f]{32}$")
+# A remote write is retried after an OSError other than these, or an error of the store's client stack.
+_PERMANENT_ERRORS = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)
+_PERMANENT_ERRNOS = {
+    errno.EINVAL, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EEXIST, errno.EISDIR, errno.ENOTDIR,
+    errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG,
+}  # fmt: skip
+_STORE_PACKAGES = {
+    "aiobotocore", "aiohttp", "botocore", "s3fs", "gcsfs", "google", "adlfs", "azure", "fsspec", "urllib3",
+    "requests", "http", "ssl", "socket",
+}  # fmt: skip
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "oss", "r2"}
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
@@ -75,6 +90,18 @@ def regular_name(step: int) -> str:
 def regular_step(name: str) -> int | None:
     match = _REGULAR.match(name)
     return int(match.group(1)) if match else None
+
+
+def temporary_name(name: str) -> str:
+    """The hidden name a write of ``name`` goes to before it is renamed into place:
+    ``.<name>.tmp-<32 hex digits>``, unique per write."""
+    return f".{name}.tmp-{uuid.uuid4().hex}"
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` (a base name) is a hidden name of trainkit's writes: one that ``temporary_name``
+    makes, or ``.<name>.trash-<32 hex digits>`` (the old copy a sharded save moves aside)."""
+    return _TEMPORARY.match(name) is not None
 
 
 def url_to_fs(
@@ -139,7 +166,17 @@ def snapshot(obj: Any, copy: Callable[[torch.Tensor], torch.Tensor] | None = Non
 
 
 class CheckpointStorage:
-    """Reads and atomically writes named checkpoint files under one directory or URL prefix."""
+    """Reads and atomically writes named checkpoint files under one directory or URL prefix.
+
+    Writes to a remote store that fail for a reason that may pass (a dropped connection, a timeout, a
+    server error: anything but a missing path or a refused permission) are retried as a whole, after the
+    filesystem's own per-request retries gave up: ``write_attempts`` tries in all, sleeping
+    ``retry_backoff_s`` seconds before the second and twice as long before each further one, each retry
+    logged at WARNING. Local writes are not retried.
+    """
+
+    write_attempts = 4
+    retry_backoff_s = 1.0
 
     def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
         self.url = os.fspath(url)
@@ -204,24 +241,68 @@ class CheckpointStorage:
             buffer = io.BytesIO()
             torch.save(checkpoint, buffer)
             check_weights_only(checkpoint)
-            data = buffer.getbuffer()
-            self.fs.makedirs(self.root, exist_ok=True)
-            if self.single_put:
-                self.fs.pipe_file(final, bytes(data))
-            else:
-                tmp = self.path(f".{name}.tmp-{uuid.uuid4().hex}")
-                try:
-                    self.fs.pipe_file(tmp, bytes(data))
-                    self.fs.mv(tmp, final)
-                finally:
-                    if self.fs.exists(tmp):
-                        self.fs.rm(tmp)
+            data = bytes(buffer.getbuffer())
+            self._with_retries(name, lambda: self._put_remote(name, final, data))
         return self.location(name)
+
+    def _put_remote(self, name: str, final: str, data: bytes) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+        if self.single_put:
+            self.fs.pipe_file(final, data)
+            return
+        tmp = self.path(temporary_name(name))
+        try:
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, final)
+        finally:
+            with contextlib.suppress(Exception):  # a store that is down: the next fit removes it
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
+
+    def _with_retries(self, name: str, put: Callable[[], None]) -> None:
+        """Run ``put`` until it succeeds, at most ``write_attempts`` times; a ``CheckpointError`` naming the
+        location when every try failed. Errors that retrying cannot fix are raised at once, unchanged."""
+        attempts = max(1, int(self.write_attempts))
+        delay = float(self.retry_backoff_s)
+        for attempt in range(1, attempts + 1):
+            try:
+                put()
+                return
+            except Exception as exc:
+                if not _may_pass(exc):
+                    raise
+                reason = f"{type(exc).__name__}: {exc}"
+                if attempt == attempts:
+                    raise CheckpointError(
+                        f"could not write checkpoint {self.location(name)!r}: the store failed {attempts} "
+                        f"times in a row (last: {reason}); earlier checkpoints are untouched"
+                    ) from exc
+                log.warning(
+                    "trainkit: writing checkpoint %r failed (try %d of %d: %s); retrying in %.2g s",
+                    self.location(name), attempt, attempts, reason, delay,
+                )  # fmt: skip
+                time.sleep(delay)
+                delay *= 2
+
+    def remove_temporaries(self) -> list[str]:
+        """Delete the hidden temporary files (or sharded directories) that killed writes left in this
+        directory and return their locations, sorted. Only trainkit's own names are touched (see
+        ``is_temporary_name``); nothing hidden is ever taken by ``"last"``, so no checkpoint is lost. Call
+        it only while nothing writes to this directory: a write in flight (in any process) keeps its bytes
+        under such a name until it is renamed."""
+        removed = []
+        for name in self.names():
+            if not is_temporary_name(name):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # gone meanwhile: nothing left to remove
+                self.fs.rm(self.path(name), recursive=True)
+                removed.append(self.location(name))
+        return removed
 
     def _write_local(self, final: str, checkpoint: dict[str, Any]) -> None:
         directory = os.path.dirname(final)
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex}")
+        tmp = os.path.join(directory, temporary_name(os.path.basename(final)))
         try:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
@@ -241,6 +322,16 @@ class CheckpointStorage:
 
     def read(self, name: str, map_location: Any = "cpu") -> dict[str, Any]:
         return _load(self.fs, self.path(name), self.location(name), map_location)
+
+
+def _may_pass(exc: Exception) -> bool:
+    """Whether a failed remote write is worth trying again: a dropped connection, a timeout or a server
+    error may pass; a missing bucket, a refused permission or a bug in the call will not."""
+    if isinstance(exc, _PERMANENT_ERRORS):
+        return False
+    if isinstance(exc, OSError):
+        return exc.errno not in _PERMANENT_ERRNOS  # e.g. an invalid bucket name: EINVAL
+    return any(cls.__module__.split(".")[0] in _STORE_PACKAGES for cls in type(exc).__mro__)
 
 
 def _load(fs: fsspec.AbstractFileSystem, path: str, shown: str, map_location: Any) -> dict[str, Any]:
@@ -570,6 +661,47 @@ def load_checkpoint(
     return _load(fs, path, shown, map_location)
 
 
+# torch.compile wraps a module in an OptimizedModule that holds the original as ``_orig_mod``, so a compiled
+# submodule's state-dict keys read ``net._orig_mod.weight``. Checkpoints hold the plain names.
+_COMPILE_PART = "_orig_mod"
+
+
+def strip_compile_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with every ``_orig_mod.`` path component removed from its keys (same order, same
+    values): ``net._orig_mod.weight`` -> ``net.weight``. Keys without one are kept as they are; a
+    ``state_dict``'s ``_metadata`` attribute is carried over without the component too.
+
+    Example::
+
+        model.net = torch.compile(model.net)
+        plain = tk.checkpoint.strip_compile_prefix(model.state_dict())   # loads into an uncompiled model
+    """
+    out = type(state_dict)((_strip_key(k), v) for k, v in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = type(metadata)((_strip_key(k), v) for k, v in metadata.items())  # type: ignore[attr-defined]
+    return out
+
+
+def _strip_key(key: str) -> str:
+    if _COMPILE_PART not in key:
+        return key
+    return ".".join(part for part in key.split(".") if part != _COMPILE_PART)
+
+
+def match_compile_keys(module: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` renamed to ``module``'s own keys, with ``_orig_mod.`` components ignored on both
+    sides: a plain checkpoint then loads into a module holding ``torch.compile``d submodules and back."""
+    target = {_strip_key(k): k for k in module.state_dict()}
+    prefixes = {_strip_key(name): name for name, _ in module.named_modules()}
+    state = strip_compile_prefix(state_dict)
+    renamed = type(state)((target.get(k, k), v) for k, v in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:  # per-module versions (BatchNorm's), under the target's module names
+        renamed._metadata = type(metadata)((prefixes.get(k, k), v) for k, v in metadata.items())  # type: ignore[attr-defined]
+    return renamed
+
+
 def load_weights(
     module: torch.nn.Module,
     path_or_url: str | os.PathLike[str],
@@ -581,6 +713,8 @@ def load_weights(
     """Load trained weights (the raw ones, or with ``ema=True`` the averaged ones) into ``module``.
 
     ``path_or_url`` is a checkpoint file or a sharded checkpoint directory (only its weights are read).
+    ``module`` may hold ``torch.compile``d submodules, or be compiled itself, whether or not the run that
+    saved the checkpoint compiled them: ``_orig_mod.`` key components are matched away on both sides.
 
     Example::
 
@@ -595,7 +729,7 @@ def load_weights(
         state = ckpt[KEY_EMA]["state_dict"]
     else:
         state = ckpt[KEY_MODEL]
-    module.load_state_dict(state, strict=strict)
+    module.load_state_dict(match_compile_keys(module, state), strict=strict)
     return module
 
 

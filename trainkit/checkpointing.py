@@ -41,12 +41,15 @@ from .checkpoint import (
     CheckpointStorage,
     complete_checkpoints,
     load_checkpoint,
+    match_compile_keys,
     regular_name,
     regular_step,
+    strip_compile_prefix,
 )
 from .distributed import DistContext
 
 log = logging.getLogger("trainkit")
+_RESUMING = "trainkit: ckpt_path='last': continuing at step %d, resuming from %s"
 
 
 class Stateful(Protocol):
@@ -127,6 +130,34 @@ class CallbackStates:
                 warnings.warn(f"the checkpoint has no state for callback {cb.state_key!r}", stacklevel=5)
 
 
+class ModelState:
+    """The module's state dict with ``torch.compile``'s ``_orig_mod.`` key components removed, so the file
+    loads into the plain module; loading matches them back, whichever side is compiled."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def state_dict(self) -> dict[str, Any]:
+        return strip_compile_prefix(self.module.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(match_compile_keys(self.module, state))
+
+
+class EMAState:
+    """The EMA's state, its averaged module's keys treated as :class:`ModelState` treats the model's."""
+
+    def __init__(self, ema: Any) -> None:
+        self.ema = ema
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.ema.state_dict()
+        return {**state, "state_dict": strip_compile_prefix(state["state_dict"])}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict({**state, "state_dict": match_compile_keys(self.ema.module, state["state_dict"])})
+
+
 def _restart_ema(ema: Any) -> None:
     warnings.warn("the checkpoint has no EMA state; the EMA restarts from its weights", stacklevel=6)
     ema.reset()
@@ -138,8 +169,8 @@ def trainer_pieces(
 ) -> dict[str, Stateful]:
     """The named pieces of a Trainer's checkpoint, in restore order: the one place that lists them."""
     return {
-        KEY_MODEL: module,
-        KEY_EMA: OptionalPiece(ema, missing=lambda: _restart_ema(ema)),
+        KEY_MODEL: ModelState(module),
+        KEY_EMA: OptionalPiece(EMAState(ema) if ema is not None else None, missing=lambda: _restart_ema(ema)),
         KEY_OPTIMIZERS: StatefulList([optimizer], "optimizer"),
         KEY_SCHEDULERS: StatefulList(schedulers, "scheduler"),
         KEY_GRAD_SCALER: OptionalPiece(scaler),
@@ -190,8 +221,10 @@ class Checkpointer:
 
     def check_storage(self) -> None:
         """Rank 0 makes ``checkpoint_dir`` and writes and deletes a probe in it (see
-        :meth:`CheckpointStorage.check_writable`); under DDP one broadcast gives every rank its verdict, so
-        all ranks raise the same ValueError naming ``checkpoint_dir`` and none is left waiting."""
+        :meth:`CheckpointStorage.check_writable`), then removes what killed writes left there (see
+        :meth:`remove_leftovers`); under DDP one broadcast gives every rank its verdict, so all ranks raise
+        the same ValueError naming ``checkpoint_dir``, none is left waiting, and none writes before the
+        leftovers are gone."""
         if self.storage is None:
             return
         problem: str | None = None
@@ -200,12 +233,32 @@ class Checkpointer:
                 self.storage.check_writable()
             except ValueError as exc:
                 problem = str(exc)
+            else:
+                self.remove_leftovers()
         if self.dist.enabled:
             verdict = [problem]
             torch.distributed.broadcast_object_list(verdict, src=0)
             problem = verdict[0]
         if problem is not None:
             raise ValueError(problem if self.dist.is_main else f"{problem} (found by rank 0)")
+
+    def remove_leftovers(self) -> list[str]:
+        """Delete the hidden temporary files (and sharded directories) that killed writes left in
+        ``checkpoint_dir``, trainkit's own names only (:meth:`CheckpointStorage.remove_temporaries`), with
+        one WARNING naming them; nothing is logged when there are none. Returns their locations. A failure
+        to remove is a warning too: leftovers are never read."""
+        assert self.storage is not None
+        try:
+            removed = self.storage.remove_temporaries()
+        except Exception as exc:
+            log.warning("trainkit: could not remove the temporary files in %s: %s", self.storage.url, exc)
+            return []
+        if removed:
+            log.warning(
+                "trainkit: removed %d temporary file(s) that interrupted checkpoint writes left behind: %s",
+                len(removed), ", ".join(removed),
+            )  # fmt: skip
+        return removed
 
     def close(self) -> BaseException | None:
         """Wait for an asynchronous write in flight; returns its failure, if any, for fit to raise."""
@@ -231,6 +284,14 @@ class Checkpointer:
         self.last_saved_step = step
         return self._save(regular_name(step))
 
+    def save_final(self, step: int, stop_reason: str | None, save_last: bool) -> None:
+        """When fit stops: a regular checkpoint of ``step`` after a signal (so a requeued job continues),
+        or with ``save_last``; never twice for one step."""
+        if stop_reason is None or not (stop_reason == "signal" or save_last) or self.storage is None:
+            return
+        if step != self.last_saved_step:
+            self.save_regular(step)
+
     def save_best(self) -> None:
         if self.storage is not None:
             self.best_path = self._save(BEST_NAME)
@@ -251,6 +312,36 @@ class Checkpointer:
 
     # -- resuming ----------------------------------------------------------------------------------------
 
+    def resume(self, ckpt_path: str | os.PathLike[str] | None) -> bool:
+        """Restore from ``ckpt_path`` (see :meth:`resolve`); True when a checkpoint was restored. Without
+        ``ckpt_path``, warns once when ``checkpoint_dir`` already holds checkpoints this fit would mix with."""
+        if ckpt_path is None:
+            self._warn_if_occupied()
+            return False
+        checkpoint = self.resolve(ckpt_path)
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        return checkpoint is not None
+
+    def _warn_if_occupied(self) -> None:
+        storage = self.storage
+        if storage is None or not self.dist.is_main:
+            return
+        found = [regular_name(step) for step in storage.regular_steps()]
+        if len(found) > 2:
+            found = [found[0], "...", found[-1]]
+        if storage.exists(BEST_NAME):
+            found.append(BEST_NAME)
+        if found:
+            warnings.warn(
+                f"checkpoint_dir {storage.url!r} already holds checkpoints ({', '.join(found)}) and fit was "
+                "given no ckpt_path: this run starts fresh and writes beside them (a file of the same step is "
+                "replaced, best.ckpt too). Pass ckpt_path='last' to continue that run, or use another "
+                "checkpoint_dir.",
+                UserWarning,
+                stacklevel=4,  # the user's fit() call
+            )
+
     def resolve(self, ckpt_path: str | os.PathLike[str]) -> dict[str, Any] | None:
         """The checkpoint dict to resume from: ``ckpt_path`` itself, or for ``"last"`` the newest complete
         one of the regular files and best.ckpt in ``checkpoint_dir`` (see :func:`complete_checkpoints`);
@@ -262,7 +353,7 @@ class Checkpointer:
         assert storage is not None
         # complete_checkpoints probes each candidate (zip directory and pickle record) and warns about a
         # damaged one; a candidate that passes the probe but fails the full read is warned about here.
-        for name, _ in complete_checkpoints(storage):
+        for name, step in complete_checkpoints(storage):
             try:
                 checkpoint = storage.read(name)
             except CheckpointError as exc:
@@ -270,7 +361,9 @@ class Checkpointer:
                 log.warning(message)
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
                 continue
-            log.info("trainkit: resuming from %s", storage.location(name))
+            # WARNING, so that it shows without any logging set up (Python's last-resort handler prints
+            # it): a user who resumed another run by mistake sees which file and step it was.
+            log.warning(_RESUMING, step, storage.location(name))
             return checkpoint
         candidates = [n for n in storage.names() if n == BEST_NAME or regular_step(n) is not None]
         if candidates:  # every one is damaged: starting fresh would silently throw the run away

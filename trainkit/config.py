@@ -7,6 +7,7 @@ parameter, repeats the value given and says what is allowed.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,6 +154,7 @@ class TrainerConfig:
     precision: Any = "32"
     accumulate_grad_batches: int = 1
     handle_signals: bool = True
+    save_last: bool = False
     # Derived, normalised values.
     early_stop_rule: EarlyStopConfig | None = field(init=False, default=None)
     monitor_rule: MetricRule = field(init=False, default=MetricRule())
@@ -165,11 +167,6 @@ class TrainerConfig:
         _positive_int("eval_interval", self.eval_interval)
         _positive_int("max_epochs", self.max_epochs, optional=True)
         _positive_int("max_steps", self.max_steps, optional=True)
-        if self.max_epochs is None and self.max_steps is None:
-            raise ValueError(
-                "max_epochs=None and max_steps=None: at least one stop condition is required; "
-                "set max_epochs or max_steps to a positive integer"
-            )
         _positive_int("save_interval", self.save_interval, optional=True)
         if self.clip_grad is not None and (not _is_number(self.clip_grad) or not self.clip_grad > 0):
             raise _bad("clip_grad", self.clip_grad, "a number > 0 (the max total gradient 2-norm) or None")
@@ -182,6 +179,7 @@ class TrainerConfig:
             "async_checkpoint",
             "progress_bar",
             "handle_signals",
+            "save_last",
         ):
             _bool(name, getattr(self, name))
         if not _is_number(self.ema_decay) or not 0.0 <= self.ema_decay <= 1.0:
@@ -227,6 +225,14 @@ class TrainerConfig:
         object.__setattr__(self, "monitor_rule", rule)
         object.__setattr__(self, "monitor_explicit", explicit)
         object.__setattr__(self, "torch_device", parse_device(self.device))
+        idle = [f"{n}={getattr(self, n)!r}" for n in ("save_interval", "save_last") if getattr(self, n)]
+        if idle and self.checkpoint_dir is None:
+            warnings.warn(
+                f"{' and '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect with checkpoint_dir=None "
+                "(no checkpoints are written)",
+                UserWarning,
+                stacklevel=4,  # the user's Trainer(...) call
+            )
 
     def _check_strategy(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -269,37 +275,109 @@ class TrainerConfig:
         return out
 
 
-def check_fit_args(module: Any, train: Any, val: Any, test: Any, ckpt_path: Any, has_storage: bool) -> None:
-    """The live arguments of ``Trainer.fit``, checked before anything runs or is written."""
+def check_fit_args(
+    cfg: TrainerConfig, module: Any, train: Any, val: Any, test: Any, ckpt_path: Any, unknown: Mapping[str, Any]
+) -> None:
+    """The live arguments of ``Trainer.fit``, checked before anything runs or is written; and the one
+    setting only fit needs, a stop condition (``validate``/``test``/``predict`` run without one)."""
     from collections.abc import Iterable
 
+    from .data import exact_length
+    from .evaluation import loader_sets
     from .module import TaskModule  # here: the module imports the callbacks, which need no config
 
+    if unknown:
+        known = ["module", "train_loader", "val_loader", "test_loader", "ckpt_path"]
+        raise unknown_arguments("fit()", unknown, LIGHTNING_FIT_NAMES, known)
+    if cfg.max_epochs is None and cfg.max_steps is None:
+        raise ValueError(
+            "max_epochs=None and max_steps=None: fit needs at least one stop condition; "
+            "set max_epochs or max_steps to a positive integer when building the Trainer"
+        )
     if not isinstance(module, TaskModule):
         raise TypeError(f"module={type(module).__name__} is not valid; expected a trainkit.TaskModule")
-    for name, loader in (("train_loader", train), ("val_loader", val), ("test_loader", test)):
-        if (loader is not None or name == "train_loader") and not isinstance(loader, Iterable):
-            raise TypeError(f"{name}={loader!r} is not valid; expected an iterable of batches (a DataLoader)")
-    try:
-        length = len(train)
-    except TypeError:
-        length = None
-    if length == 0:
+    if not isinstance(train, Iterable):
+        raise TypeError(f"train_loader={train!r} is not valid; expected an iterable of batches (a DataLoader)")
+    loader_sets("val_loader", val)  # a loader, or a mapping of named sets: checked here, before any step
+    loader_sets("test_loader", test)
+    if exact_length(train) == 0:  # len() is only a hint: believed here only where torch guarantees it
         raise ValueError("train_loader=<empty> is not valid; expected a loader that yields at least one batch")
     if ckpt_path is not None:
         if not isinstance(ckpt_path, (str, os.PathLike)) or not os.fspath(ckpt_path):
             raise TypeError(f"ckpt_path={ckpt_path!r} is not valid; expected a path, URL or 'last'")
-        if ckpt_path == "last" and not has_storage:
+        if ckpt_path == "last" and cfg.checkpoint_dir is None:
             raise ValueError("ckpt_path='last' needs checkpoint_dir; checkpoint_dir=None was given")
 
 
-def check_eval_args(module: Any, loader: Any) -> None:
-    """The live arguments of ``Trainer.validate``/``test``."""
-    from collections.abc import Iterable
-
+def check_eval_args(module: Any, loader: Any, sets: bool = True) -> None:
+    """The live arguments of ``Trainer.validate``/``test`` (``loader``: a loader or a mapping of named
+    sets) and ``predict`` (``sets=False``: one loader)."""
+    from .evaluation import loader_sets
     from .module import TaskModule
 
     if not isinstance(module, TaskModule):
         raise TypeError(f"module={type(module).__name__} is not valid; expected a trainkit.TaskModule")
-    if not isinstance(loader, Iterable):
-        raise TypeError(f"loader={loader!r} is not valid; expected an iterable of batches")
+    if loader is None:
+        raise TypeError(
+            "loader=None is not valid; expected an iterable of batches or a mapping of set names to them"
+        )
+    if not sets and isinstance(loader, Mapping):
+        raise TypeError(
+            f"loader={loader!r} is not valid; predict takes one loader (an iterable of batches), not a mapping"
+        )
+    loader_sets("loader", loader)
+
+
+# -- Lightning's names ------------------------------------------------------------------------------------
+
+# What a Lightning user passes first, and what trainkit calls it. Trainer and fit take the unknown names
+# in a ``**`` parameter typed ``NoReturn`` (so type checkers still flag them) only to raise this pointed
+# TypeError instead of Python's bare "unexpected keyword argument".
+LIGHTNING_TRAINER_NAMES = {
+    "accelerator": "device= ('auto', 'cpu', 'cuda', 'cuda:1' or a torch.device)",
+    "devices": "device= for one device; for several, distributed=True and one process per device under "
+    "torchrun --nproc_per_node=N",
+    "strategy": "distributed=True (DDP, one process per device under torchrun)",
+    "num_nodes": "torchrun --nnodes=N with distributed=True",
+    "gradient_clip_val": "clip_grad=",
+    "check_val_every_n_epoch": "eval_interval= with run_mode='epoch'",
+    "val_check_interval": "eval_interval= with run_mode='step' (optimizer steps)",
+    "enable_progress_bar": "progress_bar=",
+    "enable_checkpointing": "checkpoint_dir=None to write no checkpoints",
+    "default_root_dir": "checkpoint_dir= and log_dir=",
+    "logger": "log_dir= (TensorBoard)",
+}
+LIGHTNING_FIT_NAMES = {
+    "train_dataloaders": "train_loader=",
+    "val_dataloaders": "val_loader=",
+    "dataloaders": "the loader as the second argument",
+    "datamodule": "train_loader= and val_loader= (call your datamodule's train_dataloader()/val_dataloader())",
+    "model": "the module as the first argument",
+}
+
+
+def unknown_arguments(
+    call: str, unknown: Mapping[str, Any], hints: Mapping[str, str], known: list[str]
+) -> TypeError:
+    """A TypeError for keyword arguments ``call`` does not take, saying trainkit's name for each."""
+    import difflib
+
+    parts = []
+    for name in unknown:
+        if name in hints:
+            parts.append(f"{name}= is Lightning's name; trainkit uses {hints[name]}")
+        else:
+            close = difflib.get_close_matches(name, known, n=1)
+            parts.append(f"{name}= is not a parameter" + (f" (did you mean {close[0]}=?)" if close else ""))
+    return TypeError(f"{call} got unexpected keyword arguments: " + "; ".join(parts))
+
+
+def reject_unknown(call: str, unknown: Mapping[str, Any], signature_of: Any) -> None:
+    """Raise :func:`unknown_arguments`' TypeError when ``unknown`` is not empty (the Trainer's constructor;
+    ``signature_of`` is the function whose parameter names are suggested for a misspelt one)."""
+    if unknown:
+        import inspect
+
+        params = inspect.signature(signature_of).parameters.values()
+        known = [p.name for p in params if p.name != "self" and p.kind is not p.VAR_KEYWORD]
+        raise unknown_arguments(call, unknown, LIGHTNING_TRAINER_NAMES, known)

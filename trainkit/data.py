@@ -1,4 +1,9 @@
-"""Batches and loaders: device transfer, batch size, and loader rebuilds for sharding and resume."""
+"""Batches and loaders: device transfer, batch size, loader rebuilds for sharding and resume, and one pass.
+
+A pass is exactly what ``for batch in loader`` yields: its iterator runs to ``StopIteration``. ``len(loader)``
+is only a hint (an iterable dataset split over workers, a sampler whose ``__len__`` is wrong, or no length
+at all): :class:`PassIterator` uses it only to know when to ask the iterator for one more batch early.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from torch.utils.data import (
     RandomSampler,
     Sampler,
     SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
 )
 
 
@@ -241,3 +248,122 @@ def sampler_generators(loader: Any) -> list[torch.Generator]:
         if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
             found.append(gen)
     return found
+
+
+# -- one pass --------------------------------------------------------------------------------------------
+
+END_OF_PASS: Any = object()
+"""What :meth:`PassIterator.next_batch` returns once the pass is over."""
+
+_NOTHING: Any = object()
+
+# Samplers whose ``__len__`` is exactly what they yield (torch's own, and the eval ShardSampler).
+_EXACT_SAMPLERS = (
+    SequentialSampler,
+    RandomSampler,
+    DistributedSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+    ShardSampler,
+)
+
+
+def len_hint(loader: Any) -> int | None:
+    """``len(loader)`` if it has one (a non-negative int), else None. Only a hint: see the module docstring."""
+    try:
+        length = len(loader)
+    except (TypeError, NotImplementedError):
+        return None
+    return length if isinstance(length, int) and length >= 0 else None
+
+
+def exact_length(loader: Any) -> int | None:
+    """The number of batches a pass yields when ``len()`` is certainly right, else None: a list or tuple,
+    or a map-style DataLoader whose sampler (and batch sampler) are torch's own. Used where a wrong length
+    would do harm (calling a loader empty, a progress total), never to cut a pass."""
+    if isinstance(loader, (list, tuple)):
+        return len(loader)
+    if not isinstance(loader, DataLoader) or not is_map_style(loader):
+        return None
+    if type(loader.sampler) not in _EXACT_SAMPLERS:
+        return None
+    if loader.batch_sampler is not None and type(loader.batch_sampler) is not BatchSampler:
+        return None
+    return len(loader)
+
+
+def open_pass(loader: Any, skip: int = 0) -> Iterator[Any]:
+    """``iter(loader)`` positioned after the pass's first ``skip`` batches, as a resumed pass needs.
+
+    Map-style DataLoaders skip at the (batch) sampler level, drawing the skipped indices but loading no
+    sample; anything else is read and dropped. Nothing here trusts ``len()``: a pass that ends while
+    skipping leaves the iterator exhausted, and the caller sees the end at its next ``next()``.
+    """
+    if skip <= 0:
+        return iter(loader)
+    skipper: SkipSampler | None = None
+    if isinstance(loader, DataLoader):
+        loader, skipper = skip_batches(loader, skip)
+    iterator = iter(loader)
+    if skipper is not None:
+        skipper.prime()
+    else:
+        for _ in range(skip):
+            if next(iterator, END_OF_PASS) is END_OF_PASS:
+                break
+    return iterator
+
+
+class PassIterator:
+    """The batches of one pass, exactly as ``for batch in loader`` yields them.
+
+    ``taken`` counts the batches handed out (the position inside the pass). ``len(loader)`` (``hint``) is
+    used only to know *ahead* which batch may end the pass: :meth:`expects_end` is True for the batch the
+    hint calls last and for any batch beyond it. :meth:`ended` then asks the iterator for the next batch
+    at once, as a ``for`` loop does after its body: True when it raised ``StopIteration``; otherwise the
+    batch is kept (``pending``) and :meth:`next_batch` returns it next. With a hint that is too large, or
+    none, the end shows as :data:`END_OF_PASS` from :meth:`next_batch`.
+
+    Example::
+
+        passes = PassIterator(iter(loader), len_hint(loader))
+        while (batch := passes.next_batch()) is not END_OF_PASS:
+            train(batch)
+            if passes.expects_end() and passes.ended():
+                break                                   # the pass is over; known before the next fetch
+    """
+
+    def __init__(self, iterator: Iterator[Any], hint: int | None, taken: int = 0) -> None:
+        self.iterator = iterator
+        self.hint = hint
+        self.taken = taken
+        self._pending: Any = _NOTHING
+
+    @property
+    def pending(self) -> bool:
+        """Whether a batch was read ahead by :meth:`ended` and not handed out yet."""
+        return self._pending is not _NOTHING
+
+    def next_batch(self) -> Any:
+        """The next batch of the pass, or :data:`END_OF_PASS`."""
+        if self._pending is not _NOTHING:
+            batch, self._pending = self._pending, _NOTHING
+        else:
+            batch = next(self.iterator, END_OF_PASS)
+        if batch is not END_OF_PASS:
+            self.taken += 1
+        return batch
+
+    def expects_end(self) -> bool:
+        """Whether ``len()`` says the batch last handed out may be the pass's last (free: no fetch)."""
+        return self.hint is not None and self.taken >= self.hint
+
+    def ended(self) -> bool:
+        """Ask the iterator whether the pass is over (reads one batch ahead unless one is pending)."""
+        if self._pending is not _NOTHING:
+            return False
+        batch = next(self.iterator, END_OF_PASS)
+        if batch is END_OF_PASS:
+            return True
+        self._pending = batch
+        return False

@@ -9,6 +9,7 @@ ran (hooks, evaluation, a save) add one small blocking vote, so ranks never disa
 take the next step, and most steps pay nothing for it.
 """
 
+import importlib
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -26,6 +27,21 @@ _LAUNCH_HINT = (
 
 
 _groups_created = 0  # default process groups trainkit created in this process (equal on every rank)
+
+
+def _import_group_pinning_modules() -> None:
+    """Import, before a default group exists, the torch modules that would otherwise keep it alive forever.
+
+    ``torch.distributed.nn.functional`` takes ``group=group.WORLD`` as a default argument, evaluated when it
+    is imported, and ``DistributedDataParallel.__init__`` imports it (through ``torch._dynamo``) the first
+    time a process wraps a model. Imported after ``init_process_group`` it holds the default group in ten
+    function defaults, so ``destroy_process_group`` no longer frees the gloo backend: its worker threads
+    keep running until the interpreter exits, and one that drops a finished collective's tensor while
+    Python finalizes needs the GIL, is ended by Python, and the unwinding through a ``noexcept`` destructor
+    aborts the process ("terminate called without an active exception", SIGABRT, after fit returned).
+    Imported first, the defaults hold ``None`` and destroying the group joins those threads at once.
+    """
+    importlib.import_module("torch._dynamo")  # what DDP imports; it pulls in torch.distributed.nn.functional
 
 
 def launcher_env_present() -> bool:
@@ -117,6 +133,7 @@ def setup(
             world_size = int(os.environ["WORLD_SIZE"])
         if use_cuda:
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        _import_group_pinning_modules()  # before the group exists, so that destroy() really frees it
         # The group's keys get a prefix of their own: a launcher's store (torchrun's) outlives the group
         # that fit destroys, and a second fit in the same process would otherwise read the first group's
         # stale addresses and fail or hang (pytorch/pytorch#55967). Every rank counts the same fits.
@@ -283,8 +300,12 @@ class GroupVote(StopVote):
 
     def close(self) -> None:
         """Destroy the side group (a local operation), so that fits in a long-lived group don't pile them up."""
-        if dist.is_initialized():
+        if self._pending is not None:  # an exchange still in flight holds tensors: let it finish first
+            self._pending.wait()
+            self._pending = self._sent = None
+        if dist.is_initialized() and self.group is not None:
             dist.destroy_process_group(self.group)
+        self.group = None  # the last reference: the side group's threads are joined now, not at exit
 
     def collect(self) -> tuple[bool, bool] | None:
         if self._pending is None or self._sent is None:

@@ -98,7 +98,13 @@ class EarlyStopChecker:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the counter and the best value. Whether that state means "stop" is decided again under
+        this checker's own settings: a run stopped for patience 2 resumes training with ``patience=3``, and
+        a non-finite stop holds only while ``check_finite`` is on."""
         self.tracker.load_state_dict(state["tracker"])
         self.wait = int(state["wait"])
-        self.stopped = bool(state["stopped"])
-        self.reason = state["reason"]
+        self.stopped, self.reason = False, None
+        if state["reason"] == "non_finite" and self.check_finite:
+            self.stopped, self.reason = True, "non_finite"
+        elif self.wait >= self.patience:
+            self.stopped, self.reason = True, "early_stop"

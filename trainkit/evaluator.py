@@ -1,8 +1,8 @@
 """Evaluations during fit and the decisions taken on them: history, best model, early stop, plateau.
 
-At an evaluation (see the Trainer's loop): the validation set, and the test set when given, for the base
-model and, with EMA, for the EMA model; then ``ReduceLROnPlateau`` schedulers, then the best-model check,
-then early stopping. The arithmetic of "improved" lives in :mod:`trainkit.early_stopping`; this module is
+At an evaluation (see the Trainer's loop): the validation set(s), and the test set(s) when given, for the
+base model and, with EMA, for the EMA model; then ``ReduceLROnPlateau`` schedulers, then the best-model
+check, then early stopping. The arithmetic of "improved" lives in :mod:`trainkit.early_stopping`; this module is
 the glue that feeds it and remembers the outcome (``state_dict``: the deciding half of the checkpoint's
 ``"trainer"`` entry). One pass over one loader is :func:`trainkit.evaluation.run_eval_loop`.
 """
@@ -21,7 +21,7 @@ import torch
 from .config import TrainerConfig
 from .distributed import DistContext
 from .early_stopping import EarlyStopChecker, MetricTracker
-from .evaluation import run_eval_loop
+from .evaluation import loader_sets, merge_set_metrics, metric_prefix, run_eval_loop
 
 log = logging.getLogger("trainkit")
 
@@ -73,7 +73,8 @@ class Evaluator:
     """Runs evaluations for one Trainer and keeps what they decided.
 
     ``models`` are ``(prefix, module)`` pairs (``""`` and, with EMA, ``"ema_"``); ``loaders`` are
-    ``(stage, loader)`` pairs (``"val"``, ``"test"``). ``emit(hook_name, *args)`` calls the hooks.
+    ``(stage, loader)`` pairs (``"val"``, ``"test"``), where a loader may be a mapping of named sets, each
+    evaluated on its own (``val_<set>_<metric>``). ``emit(hook_name, *args)`` calls the hooks.
     """
 
     def __init__(self, config: TrainerConfig) -> None:
@@ -111,9 +112,17 @@ class Evaluator:
         """The base model, and the EMA model when ``ema`` averages this very module."""
         return [("", module)] + ([("ema_", ema.module)] if ema is not None and ema.model is module else [])
 
-    @staticmethod
-    def loaders_of(val: Any, test: Any) -> list[tuple[str, Any]]:
-        return [(stage, loader) for stage, loader in (("val", val), ("test", test)) if loader is not None]
+    def loaders_of(self, val: Any, test: Any) -> list[tuple[str, Any]]:
+        loaders = [(stage, loader) for stage, loader in (("val", val), ("test", test)) if loader is not None]
+        idle = [f"{n}={getattr(self.config, n)!r}" for n in ("early_stop", "monitor") if getattr(self.config, n)]
+        if idle and not loaders and self.dist.is_main:
+            warnings.warn(
+                f"{' and '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect without a val_loader: "
+                "fit never evaluates, so nothing stops early and no best.ckpt is written; pass val_loader to fit",
+                UserWarning,
+                stacklevel=4,  # the user's fit() call
+            )
+        return loaders
 
     # -- running evaluations -----------------------------------------------------------------------------
 
@@ -124,22 +133,26 @@ class Evaluator:
         # keeps training independent of when and how often it evaluates, with or without EMA.
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            for prefix, model in models:
+            for model_prefix, model in models:
                 for stage, loader in loaders:
-                    metrics.update(self._eval_model(model, loader, stage, prefix))
+                    for set_name, set_loader in loader_sets(f"{stage}_loader", loader):
+                        prefix = metric_prefix(stage, set_name, model_prefix)
+                        found = self._eval_model(model, set_loader, stage, prefix)
+                        merge_set_metrics(metrics, found, f"{stage} set {set_name!r}")
         self.emit("on_eval_end", metrics)
         return metrics
 
     def _eval_model(self, model: Any, loader: Any, stage: str, prefix: str) -> dict[str, float]:
+        """One model over one set's loader; ``prefix`` is the metric names' (``val_``, ``ema_val_ood_`` …)."""
         step_fn = model.validation_step if stage == "val" else model.test_step
         progress = self.services.progress if self.services is not None else None
-        bar = progress.eval_bar(_len_or_none(loader), f"{prefix}{stage}") if progress is not None else None
+        bar = progress.eval_bar(_len_or_none(loader), prefix[:-1]) if progress is not None else None
         iterable = loader if bar is None else _tick(loader, bar)
         modes = {m: m.training for m in model.modules()}
         model.eval()
         try:
             return run_eval_loop(
-                step_fn, iterable, prefix=f"{prefix}{stage}_", device=self.device, autocast=self.autocast,
+                step_fn, iterable, prefix=prefix, device=self.device, autocast=self.autocast,
                 dist_ctx=self.dist, step_name="validation_step" if stage == "val" else "test_step",
             )  # fmt: skip
         finally:
@@ -226,6 +239,8 @@ class Evaluator:
         self._best.load_state_dict(best["tracker"])
         if self.stopper is not None and state["early_stop"] is not None:
             self.stopper.load_state_dict(state["early_stop"])
+            # A run that ended for early stopping (under this run's rule) resumes to no step at all.
+            self.early_reason = self.stopper.reason if self.stopper.stopped else None
 
 
 def _len_or_none(loader: Any) -> int | None:

@@ -30,6 +30,7 @@ from . import distributed as dist_utils
 from .config import TrainerConfig
 from .data import shard_eval_loader, shard_train_loader
 from .distributed import DistContext, Flags, GradientVote, StopVote
+from .evaluation import map_loaders
 
 _NO_SYNC = contextlib.nullcontext()  # reusable: no context object is built on steps that sync gradients
 
@@ -115,10 +116,8 @@ class DDP(SingleProcess):
                     "shard it, so each rank reads what it yields", stacklevel=4,
                 )  # fmt: skip
             train = sharded
-        val, test = (
-            shard_eval_loader(ld, ws, rank) if isinstance(ld, torch.utils.data.DataLoader) else ld
-            for ld in (val, test)
-        )
+        # A mapping of named evaluation sets: each set's loader is sharded on its own.
+        val, test = (map_loaders(ld, lambda x: _shard_eval(x, ws, rank)) for ld in (val, test))
         return train, val, test
 
     def wrap(self, module: Any, flags: Flags, device: torch.device) -> Callable[[Any, int], Any]:
@@ -132,7 +131,12 @@ class DDP(SingleProcess):
             device_ids=[device] if device.type == "cuda" else None,
             find_unused_parameters=self.config.find_unused_parameters,
         )
-        return self.wrapper  # type: ignore[no-any-return]
+        # Not the wrapper itself: a caller that kept it would keep its reducer, and so the process group,
+        # alive past close(): gloo's threads would then run into interpreter exit (see distributed.py).
+        return self._forward
+
+    def _forward(self, batch: Any, batch_idx: int) -> Any:
+        return self.wrapper(batch, batch_idx)
 
     def no_sync(self) -> contextlib.AbstractContextManager[Any]:
         return self.wrapper.no_sync()  # type: ignore[no-any-return]
@@ -162,10 +166,16 @@ def make_parallel(config: TrainerConfig) -> SingleProcess:
 
 def eval_share(loader: Any) -> tuple[DistContext, Any]:
     """``validate``/``test`` with ``distributed=True``: inside an initialised process group each rank reads
-    its shard of a DataLoader and metrics are reduced over ranks; without one, one process reads it all."""
+    its shard of a DataLoader (of each, for a mapping of named sets) and metrics are reduced over ranks;
+    without one, one process reads it all."""
     if not torch.distributed.is_initialized():
         return DistContext(), loader
     ctx = DistContext(True, torch.distributed.get_rank(), torch.distributed.get_world_size())
+    return ctx, map_loaders(loader, lambda x: _shard_eval(x, ctx.world_size, ctx.rank))
+
+
+def _shard_eval(loader: Any, world_size: int, rank: int) -> Any:
+    """This rank's shard of an evaluation DataLoader; any other iterable as it is."""
     if isinstance(loader, torch.utils.data.DataLoader):
-        loader = shard_eval_loader(loader, ctx.world_size, ctx.rank)
-    return ctx, loader
+        return shard_eval_loader(loader, world_size, rank)
+    return loader

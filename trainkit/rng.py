@@ -1,4 +1,5 @@
-"""Random-number-generator state as plain tensors, lists and numbers (loadable with weights_only=True)."""
+"""Seeding, and random-number-generator state as plain tensors, lists and numbers (loadable with
+weights_only=True)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+_MAX_SEED = 2**32 - 1
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -55,3 +58,28 @@ def get_generator_states(generators: list[torch.Generator]) -> list[torch.Tensor
 def set_generator_states(generators: list[torch.Generator], states: list[torch.Tensor]) -> None:
     for g, s in zip(generators, states):
         g.set_state(s)
+
+
+def seed_everything(seed: int) -> int:
+    """Seed Python's ``random``, NumPy's global generator and torch on every device; return ``seed``.
+
+    ``torch.manual_seed`` seeds the CPU generator and every accelerator's (all CUDA devices, queued until
+    CUDA initialises). Call it once, before building the model and the loaders.
+
+    Raises ``TypeError`` for a non-integer (``bool`` included) and ``ValueError`` outside
+    ``[0, 2**32 - 1]`` (NumPy's range).
+
+    Example::
+
+        tk.seed_everything(0)
+        model = MyTask()          # the same initial weights every run
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed_everything: seed must be an int, got {type(seed).__name__} {seed!r}")
+    seed = int(seed)
+    if not 0 <= seed <= _MAX_SEED:
+        raise ValueError(f"seed_everything: seed must be in [0, {_MAX_SEED}] (NumPy's range), got {seed}")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CPU and all CUDA devices (lazily, if CUDA is not initialised yet)
+    return seed

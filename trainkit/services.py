@@ -10,7 +10,7 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -20,6 +20,12 @@ from .loggers import TAG_EPOCH, TAG_TRAIN_LOSS, Progress, RunLogger, lr_tags
 from .profiling import StepProfiler
 
 log = logging.getLogger("trainkit")
+
+SUMMARY_WRITER_DOC = """The ``torch.utils.tensorboard.SummaryWriter`` trainkit logs to: add images, histograms,
+text ... to the same run (the same event file) as trainkit's scalars. Rank 0 only, from the start of fit
+(``on_fit_start``) and after it; None on other ranks, without ``log_dir`` and before the first fit. It is
+created on first use; fit closes it at its end, and its next ``add_*`` after fit opens a new event file in
+the same directory (flush or close it yourself then). Each fit has its own writer."""
 
 
 class FitServices:
@@ -32,19 +38,23 @@ class FitServices:
         self.profiler: StepProfiler | None = None
         self.log_enabled = False
         self.signal: int | None = None  # the signal received, if any
+        self.log_every_n_steps = 1
+        self._last: tuple[int, int, Any, Any] | None = None  # (step, epoch, loss, optimizer) of the last step
         self._old_handlers: dict[int, Any] = {}
 
     def start(self, cfg: TrainerConfig, is_main: bool, num_batches: int | None, global_step: int) -> None:
+        """``num_batches``: a pass's batches where certain (see ``trainkit.data.exact_length``), for the
+        progress total; None shows no total unless ``max_steps`` gives one."""
         self.logger = RunLogger(
             os.fspath(cfg.log_dir) if (cfg.log_dir is not None and is_main) else None, cfg.hparams()
         )
-        if self.logger.log_dir is not None:
-            _ = self.logger.writer  # event file and hparams at fit start
+        # No event file yet: the logger creates it at its first write, or when a user asks for the writer.
         total = cfg.max_steps
         if total is None and num_batches is not None and cfg.max_epochs is not None:
             total = cfg.max_epochs * math.ceil(num_batches / cfg.accumulate_grad_batches)
         self.progress = Progress(cfg.progress_bar and is_main, total, global_step)
         self.log_enabled = self.logger.log_dir is not None or self.progress.enabled
+        self.log_every_n_steps = cfg.log_every_n_steps
         if cfg.use_profiler and is_main and cfg.log_dir is not None:
             self.profiler = StepProfiler(os.fspath(cfg.log_dir), dict(cfg.profiler_kwargs or {}))
             self.profiler.start()
@@ -53,12 +63,38 @@ class FitServices:
                 if sig is not None:
                     self._old_handlers[sig] = signal.signal(sig, self._on_signal)
 
+    @property
+    def summary_writer(self) -> Any:
+        return self.logger.summary_writer
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         log.warning("trainkit: received signal %s; stopping after the current optimizer step", signum)
         self.signal = signum
 
-    def log_train(self, step: int, epoch: int, loss: torch.Tensor | None, out: Any, lrs: list[float]) -> None:
-        """Train loss, other scalar outputs of ``training_step``, learning rates and epoch at a log step."""
+    def step_done(
+        self, step: int, epoch: int, loss: torch.Tensor | None, out: Any, optimizer: Any,
+        extra: Callable[[], Mapping[str, float]] | None = None,
+    ) -> None:
+        """After every optimizer step (when logging is on): the progress bar moves; every
+        ``log_every_n_steps`` steps :meth:`log_train` runs, with ``extra()`` (the GradScaler's scalars). The
+        step is remembered (no sync) for the last frame."""
+        self.progress.update()
+        self._last = (step, epoch, loss, optimizer)
+        if step % self.log_every_n_steps == 0:
+            lrs = [float(g["lr"]) for g in optimizer.param_groups]
+            self.log_train(step, epoch, loss, out, lrs, extra() if extra is not None else None)
+
+    def log_train(
+        self,
+        step: int,
+        epoch: int,
+        loss: torch.Tensor | None,
+        out: Any,
+        lrs: list[float],
+        extra: Mapping[str, float] | None = None,
+    ) -> None:
+        """Train loss, other scalar outputs of ``training_step``, learning rates, ``extra`` (the GradScaler's)
+        and epoch at a log step."""
         value = float(loss.detach()) if loss is not None else None  # the one host sync per log step
         if self.logger.log_dir is not None:
             scalars: dict[str, float] = {}
@@ -68,8 +104,9 @@ class FitServices:
                 for name, item in out.items():
                     if name != "loss" and isinstance(item, (torch.Tensor, int, float)):
                         if not isinstance(item, torch.Tensor) or item.numel() == 1:
-                            scalars[f"train_{name}"] = float(item)
+                            scalars[f"train_{name}"] = float(item.detach() if isinstance(item, torch.Tensor) else item)
             scalars.update(dict(zip(lr_tags(len(lrs)), lrs)))
+            scalars.update(extra or {})
             scalars[TAG_EPOCH] = float(epoch)
             self.logger.log_scalars(scalars, step)
         self.progress.show(step, epoch, value, lrs)
@@ -86,8 +123,16 @@ class FitServices:
                     log.info("trainkit profiler summary:\n%s", summary)
             self.profiler = None
 
-    def close(self) -> None:
-        """Close the progress display and the logger's files."""
-        for closeable in (self.progress, self.logger):
+    def close(self, finished: bool = False) -> None:
+        """Close the progress display (when fit ``finished`` without an exception, its last frame shows the
+        final step's values) and the logger's files (``finished``: a run that never evaluated still records
+        its settings)."""
+        if finished and self._last is not None and self.progress.stale(self._last[0]):
+            step, epoch, loss, optimizer = self._last
             with contextlib.suppress(Exception):
-                closeable.close()
+                lrs = [float(g["lr"]) for g in optimizer.param_groups]
+                self.progress.show(step, epoch, float(loss.detach()) if loss is not None else None, lrs)
+        with contextlib.suppress(Exception):
+            self.progress.close()
+        with contextlib.suppress(Exception):
+            self.logger.close(finished=finished)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -36,16 +36,17 @@ from . import distributed as dist_utils
 from .callbacks import Callback, Hooks, check_callbacks
 from .checkpoint import CheckpointStorage
 from .checkpointing import make_checkpointer, trainer_pieces
-from .config import TrainerConfig, check_eval_args, check_fit_args
+from .config import TrainerConfig, check_eval_args, check_fit_args, reject_unknown
 from .data import move_to_device
 from .distributed import DistContext
 from .ema import EMA
+from .evaluation import run_predict_loop
 from .evaluator import EvalRecord, Evaluator, FitResult, MetricNotFoundError
 from .loop_state import END, LoopState
 from .module import TaskModule, training_loss
 from .optim import parse_optimizers
 from .parallel import SingleProcess, eval_share, make_parallel
-from .services import FitServices
+from .services import SUMMARY_WRITER_DOC, FitServices
 
 __all__ = ["Trainer", "FitResult", "EvalRecord", "MetricNotFoundError"]  # the last three live in evaluator
 
@@ -75,14 +76,14 @@ class Trainer:
         use_ema: bool = False, ema_decay: float = 0.999, ema_warmup: bool = False,
         distributed: bool = False, rank: int | None = None, world_size: int | None = None,
         backend: str | None = None, init_method: str | None = None, find_unused_parameters: bool = False,
-        strategy: str = "ddp", fsdp_units: Sequence[type[torch.nn.Module]] | None = None,
-        device: str | torch.device | None = None,
-        checkpoint_dir: str | os.PathLike[str] | None = "checkpoints",
+        strategy: str = "ddp", fsdp_units: Sequence[type[torch.nn.Module]] | None = None, save_last: bool = False,
+        device: str | torch.device | None = None, checkpoint_dir: str | os.PathLike[str] | None = "checkpoints",
         storage_options: Mapping[str, Any] | None = None, async_checkpoint: bool = False,
         log_dir: str | os.PathLike[str] | None = "runs", log_every_n_steps: int = 50, progress_bar: bool = True,
         use_profiler: bool = False, profiler_kwargs: Mapping[str, Any] | None = None,
-        callbacks: Sequence[Callback] = (), handle_signals: bool = True,
+        callbacks: Sequence[Callback] = (), handle_signals: bool = True, **unknown: NoReturn,
     ) -> None:
+        reject_unknown("Trainer()", unknown, Trainer.__init__)  # a pointed TypeError for Lightning's names
         self.config = TrainerConfig(
             run_mode=run_mode, eval_interval=eval_interval, max_epochs=max_epochs, max_steps=max_steps,
             save_interval=save_interval, early_stop=early_stop, clip_grad=clip_grad, use_ema=use_ema,
@@ -92,7 +93,7 @@ class Trainer:
             profiler_kwargs=profiler_kwargs, checkpoint_dir=checkpoint_dir, storage_options=storage_options,
             async_checkpoint=async_checkpoint, log_dir=log_dir, log_every_n_steps=log_every_n_steps,
             progress_bar=progress_bar, monitor=monitor, device=device, precision=precision,
-            accumulate_grad_batches=accumulate_grad_batches, handle_signals=handle_signals,
+            accumulate_grad_batches=accumulate_grad_batches, handle_signals=handle_signals, save_last=save_last,
         )  # fmt: skip
         self.callbacks = check_callbacks(callbacks)
         dist_utils.check_launch(distributed, rank, world_size, init_method)
@@ -127,30 +128,28 @@ class Trainer:
     best_step = property(lambda self: self._evaluator.best_step)
     best_epoch = property(lambda self: self._evaluator.best_epoch)
     best_checkpoint_path = property(lambda self: self._checkpointer.best_path, doc="Location of best.ckpt.")
+    summary_writer = property(lambda self: self._services.summary_writer, doc=SUMMARY_WRITER_DOC)
 
     # -- fit ---------------------------------------------------------------------------------------------
 
     def fit(
         self,
         module: TaskModule,
-        train_loader: Iterable[Any],
+        train_loader: Iterable[Any] | None = None,  # required; None only so that Lightning's names get a hint
         val_loader: Iterable[Any] | None = None,
         *,
         test_loader: Iterable[Any] | None = None,
-        ckpt_path: str | os.PathLike[str] | None = None,
+        ckpt_path: str | os.PathLike[str] | None = None, **unknown: NoReturn,
     ) -> FitResult:
         """Train ``module``; resume from ``ckpt_path`` (a path, URL, or ``"last"``) when given."""
-        check_fit_args(module, train_loader, val_loader, test_loader, ckpt_path, self.storage is not None)
+        check_fit_args(self.config, module, train_loader, val_loader, test_loader, ckpt_path, unknown)
         self._reset_state()
         self._hooks = hooks = Hooks(self, module, self.callbacks)
         failed = False
         try:
             self._setup(module, train_loader, val_loader, test_loader)
-            if ckpt_path is not None:
-                checkpoint = self._checkpointer.resolve(ckpt_path)
-                if checkpoint is not None:
-                    self._checkpointer.restore(checkpoint)
-                    self._loop_state.restore_position()
+            if self._checkpointer.resume(ckpt_path):  # without ckpt_path: warns if checkpoint_dir has files
+                self._loop_state.restore_position()
             self._start_services()
             hooks.emit("on_fit_start")
             self._loop()
@@ -168,12 +167,17 @@ class Trainer:
                                       self.stop_reason or "max_steps")
 
     def validate(self, module: TaskModule, loader: Iterable[Any]) -> dict[str, float]:
-        """Evaluate ``module`` (and its EMA, when this trainer holds one) with ``validation_step``."""
+        """``validation_step`` over a loader, or a mapping of named sets, for ``module`` (and its EMA)."""
         return self._standalone_eval(module, loader, "val")
 
     def test(self, module: TaskModule, loader: Iterable[Any]) -> dict[str, float]:
-        """Evaluate ``module`` (and its EMA, when this trainer holds one) with ``test_step``."""
+        """``test_step`` over a loader, or a mapping of named sets, for ``module`` (and its EMA)."""
         return self._standalone_eval(module, loader, "test")
+
+    def predict(self, module: TaskModule, loader: Iterable[Any]) -> list[Any]:
+        """``module.predict_step`` outputs, one per batch in loader order, on the CPU (see run_predict_loop)."""
+        check_eval_args(module, loader, sets=False)
+        return run_predict_loop(module.to(self.device), loader, device=self.device, autocast=self._autocast)
 
     # -- setup and teardown ------------------------------------------------------------------------------
 
@@ -223,7 +227,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _start_services(self) -> None:
-        self._services.start(self.config, self.dist.is_main, self._loop_state.num_batches, self.global_step)
+        self._services.start(self.config, self.dist.is_main, self._loop_state.exact_batches, self.global_step)
         self._batch_start_hooks = self._hooks.overridden("on_batch_start")  # no-ops are skipped per batch
         self._batch_end_hooks = self._hooks.overridden("on_batch_end")
         # Under DDP, a stop requested after a step's gradients went out takes a blocking vote before the
@@ -239,7 +243,7 @@ class Trainer:
         self._loop_state.iterator = None  # lets a multi-worker loader shut its workers down now
         self._services.stop_listening()
         error = self._checkpointer.close()  # waits for an asynchronous write in flight
-        self._services.close()
+        self._services.close(finished=not failed)
         self._parallel.close(clean=not failed and error is None, failed=failed)
         return None if failed else error
 
@@ -275,14 +279,13 @@ class Trainer:
             for hook in self._batch_start_hooks:
                 hook(self, module, batch, batch_idx)
             micro += 1
-            pass_done = state.pass_known_done
-            boundary = micro == accumulate or pass_done
-            with _NULL if boundary else parallel.no_sync():
+            may_end = state.pass_may_end  # len() says this batch may end the pass: sync its gradients
+            with _NULL if micro == accumulate or may_end else parallel.no_sync():
                 with self._autocast():
                     out = forward(batch, batch_idx)
-                if vote is not None and boundary:
+                if vote is not None and (micro == accumulate or may_end):
                     vote.send()  # this rank's stop flags, as training_step left them, go out with the step
-                loss = out if isinstance(out, torch.Tensor) else training_loss(out)
+                loss = training_loss(out)  # checked (metadata only): a scalar floating tensor with grad
                 if accumulate > 1:
                     loss = loss / accumulate
                     self._last_loss = loss.detach() if micro == 1 else self._last_loss + loss.detach()  # type: ignore[operator]
@@ -290,6 +293,8 @@ class Trainer:
                     self._last_loss = loss
                 (self._scaler.scale(loss) if self._scaler is not None else loss).backward()
             self._last_out = out
+            pass_done = may_end and state.confirm_pass_end()  # asks the iterator now, as a for loop would
+            boundary = micro == accumulate or pass_done
             if boundary:
                 micro = 0
                 self._optimizer_step()
@@ -307,7 +312,8 @@ class Trainer:
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(self._clip_params, clip)
         if scaler is not None:
-            scaler.step(optimizer)  # skips the step when a gradient is not finite
+            scaler.step(optimizer)  # skips the step when a gradient is not finite; it still counts as one
+            self._loop_state.count_skipped(scaler, optimizer)  # on the device, logged at log steps
             scaler.update()
         else:
             optimizer.step()
@@ -328,10 +334,8 @@ class Trainer:
             self._after_pass_eval_and_hooks()
         self._write_best()
         if self._services.log_enabled:  # after evaluating, so the progress line shows this step's metrics
-            self._services.progress.update()
-            if step % cfg.log_every_n_steps == 0:
-                lrs = [float(g["lr"]) for g in self.optimizer.param_groups]  # type: ignore[union-attr]
-                self._services.log_train(step, self.current_epoch, self._last_loss, self._last_out, lrs)
+            self._services.step_done(step, self.current_epoch, self._last_loss, self._last_out, self.optimizer,
+                                     lambda: self._loop_state.amp_scalars(self._scaler))
         saved = cfg.save_interval is not None and step % cfg.save_interval == 0
         if saved:
             self._checkpointer.save_regular(step)
@@ -364,20 +368,17 @@ class Trainer:
             self.stop_reason = early
         elif signalled:
             self.stop_reason = "signal"
-            if step != self._checkpointer.last_saved_step and self.storage is not None:
-                self._checkpointer.save_regular(step)
         elif requested:
             self.stop_reason = "should_stop"
         elif at_limit:
             self.stop_reason = "max_steps" if max_steps else "max_epochs"
+        self._checkpointer.save_final(step, self.stop_reason, cfg.save_last)  # after a signal, or save_last
         if requested:
             self.should_stop = True  # under DDP another rank may have asked
 
     # -- evaluation and checkpoints ----------------------------------------------------------------------
 
-    def _write_best(self) -> None:
-        """Once the step's evaluation and epoch-end hooks are done, so that the file holds the same state
-        a regular checkpoint of this step would."""
+    def _write_best(self) -> None:  # after the step's evaluation and epoch-end hooks: a regular file's state
         if self._evaluator.best_pending:
             self._evaluator.best_pending = False
             self._checkpointer.save_best()
