@@ -362,7 +362,8 @@ class ShardedCheckpointer(Checkpointer):
     def _load(self, where: CheckpointStorage | str, name: str | None) -> dict[str, Any]:
         """Every rank reads its shards into its own live tensors (the pieces' state dicts, used as the
         template); the optimizer's state is created first (zeros), so that it has tensors to load into."""
-        module, optimizers = self.pieces[KEY_MODEL], self.pieces[KEY_OPTIMIZERS]
+        piece, optimizers = self.pieces[KEY_MODEL], self.pieces[KEY_OPTIMIZERS]
+        module = getattr(piece, "module", piece)  # the TaskModule behind its checkpoint piece
         for optimizer in getattr(optimizers, "items", ()):
             get_optimizer_state_dict(cast(torch.nn.Module, module), optimizer, options=_SHARDED)
         template: dict[str, Any] = {FORMAT_KEY: FORMAT_VERSION, KEY_TASK: {}}
