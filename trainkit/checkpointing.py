@@ -179,6 +179,15 @@ def trainer_pieces(
     }  # fmt: skip
 
 
+def make_checkpointer(config: Any, storage: CheckpointStorage | None, options: dict[str, Any]) -> Checkpointer:
+    """Single files written by rank 0, or under ``strategy="fsdp"`` sharded directories every rank writes."""
+    if config.distributed and config.strategy == "fsdp":
+        from .fsdp import ShardedCheckpointer
+
+        return ShardedCheckpointer(storage, options)
+    return Checkpointer(storage, options)
+
+
 class Checkpointer:
     """Builds, writes, finds and restores checkpoints for one Trainer (rank 0 writes)."""
 

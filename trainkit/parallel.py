@@ -3,6 +3,7 @@
 The Trainer asks a ``Parallel`` object for everything that differs between one process and several:
 
     setup()                    process group (or none) and this rank's device
+    place(module, device)      put the module on its device (FSDP: shard it there; ``ema_shadow``)
     prepare_loaders(...)       each rank's share of the train and evaluation loaders
     wrap(module, flags)        the callable the loop runs ``training_step`` through
     no_sync()                  gradients of a micro-step stay local (accumulation)
@@ -48,6 +49,12 @@ class SingleProcess:
     def setup(self, device: torch.device) -> tuple[DistContext, torch.device]:
         self.dist = DistContext()
         return self.dist, device
+
+    ema_shadow: torch.nn.Module | None = None  # what the EMA averages into, when not a copy of the module
+
+    def place(self, module: torch.nn.Module, device: torch.device) -> None:
+        """Before the optimizers are built from ``module.parameters()``."""
+        module.to(device)
 
     def prepare_loaders(self, train: Any, val: Any, test: Any) -> tuple[Any, Any, Any]:
         return train, val, test
@@ -150,6 +157,10 @@ class DDP(SingleProcess):
 
 
 def make_parallel(config: TrainerConfig) -> SingleProcess:
+    if config.distributed and config.strategy == "fsdp":
+        from .fsdp import FSDPParallel  # here: torch.distributed.fsdp costs import time
+
+        return FSDPParallel(config)
     return DDP(config) if config.distributed else SingleProcess(config)
 
 

@@ -35,7 +35,7 @@ import torch
 from . import distributed as dist_utils
 from .callbacks import Callback, Hooks, check_callbacks
 from .checkpoint import CheckpointStorage
-from .checkpointing import Checkpointer, trainer_pieces
+from .checkpointing import make_checkpointer, trainer_pieces
 from .config import TrainerConfig, check_eval_args, check_fit_args, reject_unknown
 from .data import move_to_device
 from .distributed import DistContext
@@ -76,8 +76,8 @@ class Trainer:
         use_ema: bool = False, ema_decay: float = 0.999, ema_warmup: bool = False,
         distributed: bool = False, rank: int | None = None, world_size: int | None = None,
         backend: str | None = None, init_method: str | None = None, find_unused_parameters: bool = False,
-        device: str | torch.device | None = None, save_last: bool = False,
-        checkpoint_dir: str | os.PathLike[str] | None = "checkpoints",
+        strategy: str = "ddp", fsdp_units: Sequence[type[torch.nn.Module]] | None = None, save_last: bool = False,
+        device: str | torch.device | None = None, checkpoint_dir: str | os.PathLike[str] | None = "checkpoints",
         storage_options: Mapping[str, Any] | None = None, async_checkpoint: bool = False,
         log_dir: str | os.PathLike[str] | None = "runs", log_every_n_steps: int = 50, progress_bar: bool = True,
         use_profiler: bool = False, profiler_kwargs: Mapping[str, Any] | None = None,
@@ -89,7 +89,7 @@ class Trainer:
             save_interval=save_interval, early_stop=early_stop, clip_grad=clip_grad, use_ema=use_ema,
             ema_decay=ema_decay, ema_warmup=ema_warmup, distributed=distributed, rank=rank,
             world_size=world_size, backend=backend, init_method=init_method,
-            find_unused_parameters=find_unused_parameters, use_profiler=use_profiler,
+            find_unused_parameters=find_unused_parameters, strategy=strategy, fsdp_units=fsdp_units, use_profiler=use_profiler,
             profiler_kwargs=profiler_kwargs, checkpoint_dir=checkpoint_dir, storage_options=storage_options,
             async_checkpoint=async_checkpoint, log_dir=log_dir, log_every_n_steps=log_every_n_steps,
             progress_bar=progress_bar, monitor=monitor, device=device, precision=precision,
@@ -107,7 +107,7 @@ class Trainer:
         self._module: TaskModule | None = None  # set by fit
         self._autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.config.precision)
         self._evaluator = Evaluator(self.config)
-        self._checkpointer = Checkpointer(self.storage, options)
+        self._checkpointer = make_checkpointer(self.config, self.storage, options)
         self._reset_state()
 
     # -- public state ------------------------------------------------------------------------------------
@@ -196,9 +196,9 @@ class Trainer:
     def _setup(self, module: TaskModule, train: Any, val: Any, test: Any) -> None:
         cfg, parallel = self.config, self._parallel
         self.dist, self.device = parallel.setup(self.device)
-        module.to(self.device)
-        module.train()
         module._attach(self)
+        parallel.place(module, self.device)  # moves it (FSDP: shards it, and the EMA's copy, onto the device)
+        module.train()
         self._module = module
         setup = parse_optimizers(module.configure_optimizers())
         self.optimizer = setup.optimizer
@@ -212,7 +212,7 @@ class Trainer:
         self._move = self.device.type != "cpu"
         self._forward = parallel.wrap(module, self._local_flags, self.device)
         # After the wrap: DDP has broadcast rank 0's weights, so every rank's EMA starts from the same copy.
-        self._ema = EMA(module, cfg.ema_decay, cfg.ema_warmup) if cfg.use_ema else None
+        self._ema = EMA(module, cfg.ema_decay, cfg.ema_warmup, shadow=parallel.ema_shadow) if cfg.use_ema else None
         ev = self._evaluator
         ev.device, ev.dist, ev.autocast, ev.services = self.device, self.dist, self._autocast, self._services
         ev.emit, ev.plateau_schedulers = self._hooks.emit, [s for s in setup.schedulers if s.on_plateau]
