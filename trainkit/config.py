@@ -337,7 +337,6 @@ LIGHTNING_TRAINER_NAMES = {
     "accelerator": "device= ('auto', 'cpu', 'cuda', 'cuda:1' or a torch.device)",
     "devices": "device= for one device; for several, distributed=True and one process per device under "
     "torchrun --nproc_per_node=N",
-    "strategy": "distributed=True (DDP, one process per device under torchrun)",
     "num_nodes": "torchrun --nnodes=N with distributed=True",
     "gradient_clip_val": "clip_grad=",
     "check_val_every_n_epoch": "eval_interval= with run_mode='epoch'",

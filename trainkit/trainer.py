@@ -76,36 +76,30 @@ class Trainer:
         use_ema: bool = False, ema_decay: float = 0.999, ema_warmup: bool = False,
         distributed: bool = False, rank: int | None = None, world_size: int | None = None,
         backend: str | None = None, init_method: str | None = None, find_unused_parameters: bool = False,
-        strategy: str = "ddp", fsdp_units: Sequence[type[torch.nn.Module]] | None = None, save_last: bool = False,
-        device: str | torch.device | None = None, checkpoint_dir: str | os.PathLike[str] | None = "checkpoints",
+        strategy: str = "ddp", fsdp_units: Sequence[type[torch.nn.Module]] | None = None,
+        device: str | torch.device | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = "checkpoints", save_last: bool = False,
         storage_options: Mapping[str, Any] | None = None, async_checkpoint: bool = False,
         log_dir: str | os.PathLike[str] | None = "runs", log_every_n_steps: int = 50, progress_bar: bool = True,
         use_profiler: bool = False, profiler_kwargs: Mapping[str, Any] | None = None,
         callbacks: Sequence[Callback] = (), handle_signals: bool = True, **unknown: NoReturn,
     ) -> None:
         reject_unknown("Trainer()", unknown, Trainer.__init__)  # a pointed TypeError for Lightning's names
-        self.config = TrainerConfig(
-            run_mode=run_mode, eval_interval=eval_interval, max_epochs=max_epochs, max_steps=max_steps,
-            save_interval=save_interval, early_stop=early_stop, clip_grad=clip_grad, use_ema=use_ema,
-            ema_decay=ema_decay, ema_warmup=ema_warmup, distributed=distributed, rank=rank,
-            world_size=world_size, backend=backend, init_method=init_method,
-            find_unused_parameters=find_unused_parameters, strategy=strategy, fsdp_units=fsdp_units, use_profiler=use_profiler,
-            profiler_kwargs=profiler_kwargs, checkpoint_dir=checkpoint_dir, storage_options=storage_options,
-            async_checkpoint=async_checkpoint, log_dir=log_dir, log_every_n_steps=log_every_n_steps,
-            progress_bar=progress_bar, monitor=monitor, device=device, precision=precision,
-            accumulate_grad_batches=accumulate_grad_batches, handle_signals=handle_signals, save_last=save_last,
-        )  # fmt: skip
+        # Every argument but the live objects is a setting: checked once, in one place.
+        settings = {k: v for k, v in locals().items() if k not in ("self", "callbacks", "unknown")}
+        self.config = TrainerConfig(**settings)
         self.callbacks = check_callbacks(callbacks)
         dist_utils.check_launch(distributed, rank, world_size, init_method)
         options = dict(storage_options or {})
         self.storage = CheckpointStorage(checkpoint_dir, options) if checkpoint_dir is not None else None
-        self.device = self.config.torch_device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        cfg = self.config
+        self.device = cfg.torch_device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dist = DistContext()
         self.optimizer: torch.optim.Optimizer | None = None
         self.schedulers: list[Any] = []
         self._ema: EMA | None = None
         self._module: TaskModule | None = None  # set by fit
-        self._autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.config.precision)
+        self._autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(cfg.precision)
         self._evaluator = Evaluator(self.config)
         self._checkpointer = make_checkpointer(self.config, self.storage, options)
         self._reset_state()
@@ -203,8 +197,7 @@ class Trainer:
         setup = parse_optimizers(module.configure_optimizers())
         self.optimizer = setup.optimizer
         self.schedulers = [s.scheduler for s in setup.schedulers]
-        self._step_schedulers = [s.scheduler for s in setup.schedulers if s.interval == "step" and not s.on_plateau]
-        self._epoch_schedulers = [s.scheduler for s in setup.schedulers if s.interval == "epoch" and not s.on_plateau]
+        self._step_schedulers, self._epoch_schedulers = setup.stepped_every("step"), setup.stepped_every("epoch")
         self._clip_params = list(module.parameters())
         self._scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "16-mixed" else None
         train, val, test = parallel.prepare_loaders(train, val, test)
@@ -215,7 +208,7 @@ class Trainer:
         self._ema = EMA(module, cfg.ema_decay, cfg.ema_warmup, shadow=parallel.ema_shadow) if cfg.use_ema else None
         ev = self._evaluator
         ev.device, ev.dist, ev.autocast, ev.services = self.device, self.dist, self._autocast, self._services
-        ev.emit, ev.plateau_schedulers = self._hooks.emit, [s for s in setup.schedulers if s.on_plateau]
+        ev.emit, ev.plateau_schedulers = self._hooks.emit, setup.on_plateau
         ev.models, ev.loaders = ev.models_of(module, self._ema), ev.loaders_of(val, test)
         self._checkpointer.bind(
             trainer_pieces(
