@@ -65,6 +65,12 @@ class SingleProcess:
     def no_sync(self) -> contextlib.AbstractContextManager[Any]:
         return _NO_SYNC
 
+    def clip_foreach(self, params: list[torch.nn.Parameter]) -> bool | None:
+        """``foreach`` for ``clip_grad_norm_``: True when every parameter is a plain tensor on a device with
+        fused for-each kernels (torch would otherwise check that on every call), else torch's own choice."""
+        plain = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
+        return True if plain else None
+
     def finish_accumulation(self) -> None:
         pass
 

@@ -199,6 +199,7 @@ class Trainer:
         self.schedulers = [s.scheduler for s in setup.schedulers]
         self._step_schedulers, self._epoch_schedulers = setup.stepped_every("step"), setup.stepped_every("epoch")
         self._clip_params = list(module.parameters())
+        self._clip_foreach = parallel.clip_foreach(self._clip_params)  # decided once, not every step
         self._scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "16-mixed" else None
         train, val, test = parallel.prepare_loaders(train, val, test)
         self._loop_state = LoopState(train)
@@ -246,6 +247,7 @@ class Trainer:
         module, optimizer, state, parallel = self._module, self.optimizer, self._loop_state, self._parallel
         assert module is not None and optimizer is not None
         forward, vote, accumulate = self._forward, parallel.vote, self.config.accumulate_grad_batches
+        autocast = self._autocast_dtype
         micro = 0
         self._check_stop()
         while self.stop_reason is None:
@@ -274,8 +276,11 @@ class Trainer:
             micro += 1
             may_end = state.pass_may_end  # len() says this batch may end the pass: sync its gradients
             with _NULL if micro == accumulate or may_end else parallel.no_sync():
-                with self._autocast():
+                if autocast is None:
                     out = forward(batch, batch_idx)
+                else:
+                    with torch.autocast(self.device.type, dtype=autocast):
+                        out = forward(batch, batch_idx)
                 if vote is not None and (micro == accumulate or may_end):
                     vote.send()  # this rank's stop flags, as training_step left them, go out with the step
                 loss = training_loss(out)  # checked (metadata only): a scalar floating tensor with grad
@@ -303,7 +308,7 @@ class Trainer:
         if scaler is not None and clip is not None:
             scaler.unscale_(optimizer)  # clip the true gradients
         if clip is not None:
-            torch.nn.utils.clip_grad_norm_(self._clip_params, clip)
+            torch.nn.utils.clip_grad_norm_(self._clip_params, clip, foreach=self._clip_foreach)
         if scaler is not None:
             scaler.step(optimizer)  # skips the step when a gradient is not finite; it still counts as one
             self._loop_state.count_skipped(scaler, optimizer)  # on the device, logged at log steps
@@ -318,7 +323,7 @@ class Trainer:
         self._loop_state.global_step += 1
 
     def _after_step(self, pass_done: bool) -> None:
-        cfg, step = self.config, self.global_step
+        cfg, step = self.config, self._loop_state.global_step
         if pass_done:
             self._close_pass()
         evaluated = cfg.run_mode == "step" and step % cfg.eval_interval == 0
@@ -350,11 +355,11 @@ class Trainer:
     def _check_stop(self, late_code: bool = True) -> None:
         """Decide whether fit ends here. ``late_code``: user code (a hook, an evaluation, a save) ran after
         this step's ``training_step``, or this is not a step's end at all."""
-        cfg, vote, step = self.config, self._parallel.vote, self.global_step
+        cfg, vote, step = self.config, self._parallel.vote, self._loop_state.global_step
         # These follow from counters and reduced metrics, so every rank reaches the same answer alone.
         early = self._evaluator.early_reason
         max_steps = cfg.max_steps is not None and step >= cfg.max_steps
-        at_limit = max_steps or (cfg.max_epochs is not None and self.current_epoch >= cfg.max_epochs)
+        at_limit = max_steps or (cfg.max_epochs is not None and self._loop_state.epoch >= cfg.max_epochs)
         # Under DDP the ranks agree on requests only one of them may have seen (see StopVote.agree).
         requested, signalled = vote.agree(late_code or bool(early) or at_limit) if vote else self._local_flags()
         if early:
@@ -365,7 +370,8 @@ class Trainer:
             self.stop_reason = "should_stop"
         elif at_limit:
             self.stop_reason = "max_steps" if max_steps else "max_epochs"
-        self._checkpointer.save_final(step, self.stop_reason, cfg.save_last)  # after a signal, or save_last
+        if self.stop_reason is not None:  # after a signal (a requeued job continues), or with save_last
+            self._checkpointer.save_final(step, self.stop_reason, cfg.save_last)
         if requested:
             self.should_stop = True  # under DDP another rank may have asked
 
