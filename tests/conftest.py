@@ -1,5 +1,6 @@
 import os
 
+import fsspec
 import pytest
 import torch
 
@@ -14,6 +15,21 @@ def _run_in_tmp(tmp_path, monkeypatch):
     and log_dir ("runs") land there and never in the repository."""
     monkeypatch.chdir(tmp_path)
     yield
+
+
+@pytest.fixture
+def memfs():
+    """The memory filesystem is one global store: empty it before and after each test."""
+    fs = fsspec.filesystem("memory")
+
+    def clear():
+        fs.store.clear()
+        fs.pseudo_dirs.clear()
+        fs.pseudo_dirs.append("")
+
+    clear()
+    yield fs
+    clear()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo  # noqa: F401  before the group exists: see the README (Distributed, creating the group yourself)
 import torch.distributed as dist
 from helpers import TinyClassifier, make_loader  # the script's directory (tests/) is on sys.path
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch._dynamo  # noqa: F401  before the group exists: see the README (Distributed, creating the group yourself)
 import torch.distributed as dist
 import torch.nn.functional as F
 from helpers import TinyClassifier, make_loader  # the script's directory (tests/) is on sys.path

@@ -23,19 +23,6 @@ SCRIPT = [1.0, 0.5, 0.7, 0.4, 0.45, 0.6]
 REGULAR = ["step_000000003.ckpt", "step_000000006.ckpt", "step_000000009.ckpt", "step_000000012.ckpt"]
 
 
-@pytest.fixture
-def memfs():
-    """The memory filesystem is one global store: empty it before and after each test."""
-    fs = fsspec.filesystem("memory")
-
-    def clear():
-        fs.store.clear()
-        fs.pseudo_dirs.clear()
-        fs.pseudo_dirs.append("")
-
-    clear()
-    yield fs
-    clear()
 
 
 def scripted_run(checkpoint_dir, *, script=SCRIPT, max_steps=12, save_interval=3, module=None, **kwargs):

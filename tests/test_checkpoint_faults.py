@@ -8,14 +8,10 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import subprocess
 import sys
-import time
-import urllib.request
 import warnings
 import zipfile
 
-import fsspec
 import pytest
 import torch
 from helpers import TinyClassifier, make_loader, quiet
@@ -28,18 +24,6 @@ from trainkit.checkpoint import BEST_NAME, CheckpointStorage, find_last, probe_s
 FORBIDDEN = f"{os.system.__module__}.system"  # how pickle names os.system: posix.system on Linux
 
 
-@pytest.fixture
-def memfs():
-    fs = fsspec.filesystem("memory")
-
-    def clear():
-        fs.store.clear()
-        fs.pseudo_dirs.clear()
-        fs.pseudo_dirs.append("")
-
-    clear()
-    yield fs
-    clear()
 
 
 def trainkit_dict(step: int, numel: int = 64) -> dict:
@@ -293,36 +277,10 @@ def test_check_writable_refuses_a_file_and_a_path_under_a_file():
 @pytest.fixture(scope="module")
 def locked_endpoint():
     """A moto S3 server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0): unknown keys get 403."""
-    from test_s3 import MOTO_SERVER, free_port
+    from test_s3 import moto_server
 
-    if not os.path.exists(MOTO_SERVER):
-        pytest.skip("moto_server is not installed in this environment")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
-    proc = subprocess.Popen(
-        [MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    try:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                opener.open(url, timeout=1).close()
-                break
-            except urllib.error.HTTPError:
-                break  # it answered
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.1)
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.mark.timeout(60)

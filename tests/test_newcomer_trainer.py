@@ -300,7 +300,7 @@ def test_compiled_submodules_save_plain_keys_and_load_both_ways():
     "kwargs, words",
     [(dict(accelerator="gpu"), ["accelerator=", "Lightning", "device="]),
      (dict(devices=2), ["devices=", "device=", "distributed=True", "torchrun"]),
-     (dict(strategy="ddp"), ["strategy=", "distributed=True"]),
+     (dict(num_nodes=2), ["num_nodes=", "torchrun --nnodes=N", "distributed=True"]),
      (dict(gradient_clip_val=1.0), ["gradient_clip_val=", "clip_grad="]),
      (dict(max_step=3), ["max_step=", "not a parameter", "did you mean max_steps="])],
 )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import os
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -33,9 +35,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    """A real moto S3 server on a free local port; stopped when the module's tests are done."""
+@contextlib.contextmanager
+def moto_server(**extra_env: str):
+    """A real moto S3 server on a free local port, yielding its URL; stopped on exit. ``extra_env`` sets
+    moto's own switches (e.g. ``INITIAL_NO_AUTH_ACTION_COUNT="0"`` makes it check credentials)."""
     if not os.path.exists(MOTO_SERVER):
         pytest.skip("moto_server (moto[server]) is not installed in this environment")
     port = free_port()
@@ -45,6 +48,7 @@ def endpoint():
         "AWS_ACCESS_KEY_ID": KEY,
         "AWS_SECRET_ACCESS_KEY": SECRET,
         "AWS_DEFAULT_REGION": REGION,
+        **extra_env,
     }
     proc = subprocess.Popen(
         [MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)],
@@ -61,6 +65,8 @@ def endpoint():
             try:
                 opener.open(url, timeout=1).close()
                 break
+            except urllib.error.HTTPError:
+                break  # it answered (a server that checks credentials answers 403)
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError("moto_server did not answer within 60 s") from None
@@ -73,6 +79,13 @@ def endpoint():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    """A real moto S3 server on a free local port; stopped when the module's tests are done."""
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture

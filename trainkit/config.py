@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 RUN_MODES = ("epoch", "step")
+STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = {
     "32": "32",
     "32-true": "32",
@@ -138,6 +139,8 @@ class TrainerConfig:
     backend: str | None = None
     init_method: str | None = None
     find_unused_parameters: bool = False
+    strategy: str = "ddp"
+    fsdp_units: Any = None
     use_profiler: bool = False
     profiler_kwargs: Any = None
     checkpoint_dir: Any = "checkpoints"
@@ -215,6 +218,7 @@ class TrainerConfig:
         if str(self.precision) not in PRECISIONS:
             raise _bad("precision", self.precision, f"one of {sorted(PRECISIONS)}")
         object.__setattr__(self, "precision", PRECISIONS[str(self.precision)])
+        self._check_strategy()
         early = parse_early_stop(self.early_stop)
         object.__setattr__(self, "early_stop_rule", early)
         rule, explicit = parse_monitor(self.monitor, early)
@@ -230,10 +234,45 @@ class TrainerConfig:
                 stacklevel=4,  # the user's Trainer(...) call
             )
 
+    def _check_strategy(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise _bad("strategy", self.strategy, "'ddp' or 'fsdp'")
+        if self.strategy == "fsdp" and not self.distributed:
+            raise ValueError(
+                "strategy='fsdp' with distributed=False is not valid: strategy is read only with "
+                "distributed=True; pass distributed=True (and launch with torchrun) to shard the model"
+            )
+        if self.strategy == "fsdp" and self.precision == "16-mixed":
+            raise ValueError(
+                "precision='16-mixed' with strategy='fsdp' is not supported; expected precision '32' or "
+                "'bf16-mixed' (fp16 needs a sharded gradient scaler)"
+            )
+        if self.strategy == "fsdp" and self.async_checkpoint:
+            raise ValueError(
+                "async_checkpoint=True with strategy='fsdp' is not supported; every rank writes its shards "
+                "of a sharded checkpoint during the save (expected async_checkpoint=False)"
+            )
+        units = self.fsdp_units
+        if units is None:
+            return
+        units = (units,) if isinstance(units, type) else units
+        if isinstance(units, (str, bytes)) or not isinstance(units, Iterable):
+            raise TypeError(f"fsdp_units={self.fsdp_units!r} is not valid; expected a tuple of module classes "
+                            "such as (Block,), or None")  # fmt: skip
+        units = tuple(units)
+        for unit in units:
+            if not (isinstance(unit, type) and issubclass(unit, torch.nn.Module)):
+                raise TypeError(f"fsdp_units={self.fsdp_units!r} is not valid: {unit!r} is not a torch.nn.Module "
+                                "subclass; expected a tuple of module classes such as (Block,), or None")  # fmt: skip
+        object.__setattr__(self, "fsdp_units", units)
+
     def hparams(self) -> dict[str, Any]:
         """The scalar settings, for TensorBoard's hparams view."""
         skip = {"early_stop_rule", "monitor_rule", "monitor_explicit", "torch_device", "storage_options"}
-        return {k: v for k, v in self.__dict__.items() if k not in skip}
+        out = {k: v for k, v in self.__dict__.items() if k not in skip}
+        if out.get("fsdp_units") is not None:
+            out["fsdp_units"] = ",".join(u.__name__ for u in out["fsdp_units"])
+        return out
 
 
 def check_fit_args(
@@ -328,7 +367,6 @@ LIGHTNING_TRAINER_NAMES = {
     "accelerator": "device= ('auto', 'cpu', 'cuda', 'cuda:1' or a torch.device)",
     "devices": "device= for one device; for several, distributed=True and one process per device under "
     "torchrun --nproc_per_node=N",
-    "strategy": "distributed=True (DDP, one process per device under torchrun)",
     "num_nodes": "torchrun --nnodes=N with distributed=True",
     "gradient_clip_val": "clip_grad=",
     "check_val_every_n_epoch": "eval_interval= with run_mode='epoch'",

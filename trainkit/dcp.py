@@ -67,7 +67,7 @@ from .checkpoint import (
     check_weights_only,
     url_to_fs,
 )
-from .checkpoint import _load as _load_file
+from .checkpoint_inspect import read_file as _load_file
 from .dcp_dirs import (
     METADATA_NAME,
     best_dir_name,

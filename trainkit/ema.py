@@ -25,9 +25,21 @@ Example::
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 import torch
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    """A ``DTensor`` (FSDP). Looked up lazily: importing torch.distributed.tensor costs ~0.5 s, and no
+    DTensor can exist before something else imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.to_local() if _is_sharded(t) else t for t in tensors]  # type: ignore[attr-defined]
 
 
 class EMA:
@@ -35,16 +47,28 @@ class EMA:
 
     ``warmup=True`` uses ``decay_t = min(decay, (1 + t) / (10 + t))`` where ``t`` is the number of updates
     made before this one, so early averages are not dominated by the random initialisation.
+
+    ``shadow``: the module to hold the average instead of a deep copy of ``model``: it must have the same
+    parameter names, and start equal to ``model``. Under FSDP (``trainkit.fsdp.shard_from_rank0``) it is
+    sharded like ``model``: each parameter is a ``DTensor`` and the update runs on the local shards only,
+    so no rank communicates.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float = 0.999, warmup: bool = False) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        decay: float = 0.999,
+        warmup: bool = False,
+        *,
+        shadow: torch.nn.Module | None = None,
+    ) -> None:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay={decay!r} is not valid; expected a number in [0, 1]")
         self.decay = float(decay)
         self.warmup = bool(warmup)
         self.num_updates = 0
         self.model = model
-        self.module = copy.deepcopy(model).eval()
+        self.module = (copy.deepcopy(model) if shadow is None else shadow).eval()
         self.module.requires_grad_(False)
         self._bind()
 
@@ -64,6 +88,7 @@ class EMA:
         self._live_params = [p for _, p in float_pairs]
         self._copy_dst = [s for s, _ in copy_pairs]
         self._copy_src = [p for _, p in copy_pairs]
+        self._sharded = any(_is_sharded(t) for t in self._ema_params + self._copy_dst)
 
     def current_decay(self) -> float:
         if self.warmup:
@@ -75,10 +100,13 @@ class EMA:
     def update(self) -> None:
         """Fold the model's current weights into the average; call after each optimizer step."""
         decay = self.current_decay()
-        if self._ema_params:
-            torch._foreach_lerp_(self._ema_params, self._live_params, 1.0 - decay)
-        if self._copy_dst:
-            torch._foreach_copy_(self._copy_dst, self._copy_src)
+        ema, live, dst, src = self._ema_params, self._live_params, self._copy_dst, self._copy_src
+        if self._sharded:  # each rank averages its own shards; looked up each time (FSDP may swap them)
+            ema, live, dst, src = _local(ema), _local(live), _local(dst), _local(src)
+        if ema:
+            torch._foreach_lerp_(ema, live, 1.0 - decay)
+        if dst:
+            torch._foreach_copy_(dst, src)
         self.num_updates += 1
 
     @torch.no_grad()

@@ -119,7 +119,7 @@ class Evaluator:
         if idle and not loaders and self.dist.is_main:
             warnings.warn(
                 f"{' and '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect without a val_loader: "
-                "fit never evaluates, so nothing stops early and no best.ckpt is written; pass val_loader to fit",
+                "fit never evaluates, so no early stop and no best.ckpt can happen; pass val_loader to fit",
                 UserWarning,
                 stacklevel=4,  # the user's fit() call
             )

@@ -31,6 +31,14 @@ class OptimizerSetup:
     optimizer: torch.optim.Optimizer
     schedulers: list[SchedulerConfig]
 
+    def stepped_every(self, interval: str) -> list[Any]:
+        """The schedulers the loop steps every ``"step"`` or every ``"epoch"`` (plateau ones step on metrics)."""
+        return [s.scheduler for s in self.schedulers if s.interval == interval and not s.on_plateau]
+
+    @property
+    def on_plateau(self) -> list[SchedulerConfig]:
+        return [s for s in self.schedulers if s.on_plateau]
+
 
 def _one_optimizer(value: Any) -> torch.optim.Optimizer:
     if isinstance(value, torch.optim.Optimizer):

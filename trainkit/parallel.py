@@ -3,6 +3,7 @@
 The Trainer asks a ``Parallel`` object for everything that differs between one process and several:
 
     setup()                    process group (or none) and this rank's device
+    place(module, device)      put the module on its device (FSDP: shard it there; ``ema_shadow``)
     prepare_loaders(...)       each rank's share of the train and evaluation loaders
     wrap(module, flags)        the callable the loop runs ``training_step`` through
     no_sync()                  gradients of a micro-step stay local (accumulation)
@@ -49,6 +50,12 @@ class SingleProcess:
         self.dist = DistContext()
         return self.dist, device
 
+    ema_shadow: torch.nn.Module | None = None  # what the EMA averages into, when not a copy of the module
+
+    def place(self, module: torch.nn.Module, device: torch.device) -> None:
+        """Before the optimizers are built from ``module.parameters()``."""
+        module.to(device)
+
     def prepare_loaders(self, train: Any, val: Any, test: Any) -> tuple[Any, Any, Any]:
         return train, val, test
 
@@ -57,6 +64,12 @@ class SingleProcess:
 
     def no_sync(self) -> contextlib.AbstractContextManager[Any]:
         return _NO_SYNC
+
+    def clip_foreach(self, params: list[torch.nn.Parameter]) -> bool | None:
+        """``foreach`` for ``clip_grad_norm_``: True when every parameter is a plain tensor on a device with
+        fused for-each kernels (torch would otherwise check that on every call), else torch's own choice."""
+        plain = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
+        return True if plain else None
 
     def finish_accumulation(self) -> None:
         pass
@@ -150,6 +163,10 @@ class DDP(SingleProcess):
 
 
 def make_parallel(config: TrainerConfig) -> SingleProcess:
+    if config.distributed and config.strategy == "fsdp":
+        from .fsdp import FSDPParallel  # here: torch.distributed.fsdp costs import time
+
+        return FSDPParallel(config)
     return DDP(config) if config.distributed else SingleProcess(config)
 
 

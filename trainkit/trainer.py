@@ -35,7 +35,7 @@ import torch
 from . import distributed as dist_utils
 from .callbacks import Callback, Hooks, check_callbacks
 from .checkpoint import CheckpointStorage
-from .checkpointing import Checkpointer, trainer_pieces
+from .checkpointing import make_checkpointer, trainer_pieces
 from .config import TrainerConfig, check_eval_args, check_fit_args, reject_unknown
 from .data import move_to_device
 from .distributed import DistContext
@@ -76,38 +76,32 @@ class Trainer:
         use_ema: bool = False, ema_decay: float = 0.999, ema_warmup: bool = False,
         distributed: bool = False, rank: int | None = None, world_size: int | None = None,
         backend: str | None = None, init_method: str | None = None, find_unused_parameters: bool = False,
-        device: str | torch.device | None = None, save_last: bool = False,
-        checkpoint_dir: str | os.PathLike[str] | None = "checkpoints",
+        strategy: str = "ddp", fsdp_units: Sequence[type[torch.nn.Module]] | None = None,
+        device: str | torch.device | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = "checkpoints", save_last: bool = False,
         storage_options: Mapping[str, Any] | None = None, async_checkpoint: bool = False,
         log_dir: str | os.PathLike[str] | None = "runs", log_every_n_steps: int = 50, progress_bar: bool = True,
         use_profiler: bool = False, profiler_kwargs: Mapping[str, Any] | None = None,
         callbacks: Sequence[Callback] = (), handle_signals: bool = True, **unknown: NoReturn,
     ) -> None:
         reject_unknown("Trainer()", unknown, Trainer.__init__)  # a pointed TypeError for Lightning's names
-        self.config = TrainerConfig(
-            run_mode=run_mode, eval_interval=eval_interval, max_epochs=max_epochs, max_steps=max_steps,
-            save_interval=save_interval, early_stop=early_stop, clip_grad=clip_grad, use_ema=use_ema,
-            ema_decay=ema_decay, ema_warmup=ema_warmup, distributed=distributed, rank=rank,
-            world_size=world_size, backend=backend, init_method=init_method,
-            find_unused_parameters=find_unused_parameters, use_profiler=use_profiler,
-            profiler_kwargs=profiler_kwargs, checkpoint_dir=checkpoint_dir, storage_options=storage_options,
-            async_checkpoint=async_checkpoint, log_dir=log_dir, log_every_n_steps=log_every_n_steps,
-            progress_bar=progress_bar, monitor=monitor, device=device, precision=precision,
-            accumulate_grad_batches=accumulate_grad_batches, handle_signals=handle_signals, save_last=save_last,
-        )  # fmt: skip
+        # Every argument but the live objects is a setting: checked once, in one place.
+        settings = {k: v for k, v in locals().items() if k not in ("self", "callbacks", "unknown")}
+        self.config = TrainerConfig(**settings)
         self.callbacks = check_callbacks(callbacks)
         dist_utils.check_launch(distributed, rank, world_size, init_method)
         options = dict(storage_options or {})
         self.storage = CheckpointStorage(checkpoint_dir, options) if checkpoint_dir is not None else None
-        self.device = self.config.torch_device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        cfg = self.config
+        self.device = cfg.torch_device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dist = DistContext()
         self.optimizer: torch.optim.Optimizer | None = None
         self.schedulers: list[Any] = []
         self._ema: EMA | None = None
         self._module: TaskModule | None = None  # set by fit
-        self._autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.config.precision)
+        self._autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(cfg.precision)
         self._evaluator = Evaluator(self.config)
-        self._checkpointer = Checkpointer(self.storage, options)
+        self._checkpointer = make_checkpointer(self.config, self.storage, options)
         self._reset_state()
 
     # -- public state ------------------------------------------------------------------------------------
@@ -196,26 +190,26 @@ class Trainer:
     def _setup(self, module: TaskModule, train: Any, val: Any, test: Any) -> None:
         cfg, parallel = self.config, self._parallel
         self.dist, self.device = parallel.setup(self.device)
-        module.to(self.device)
-        module.train()
         module._attach(self)
+        parallel.place(module, self.device)  # moves it (FSDP: shards it, and the EMA's copy, onto the device)
+        module.train()
         self._module = module
         setup = parse_optimizers(module.configure_optimizers())
         self.optimizer = setup.optimizer
         self.schedulers = [s.scheduler for s in setup.schedulers]
-        self._step_schedulers = [s.scheduler for s in setup.schedulers if s.interval == "step" and not s.on_plateau]
-        self._epoch_schedulers = [s.scheduler for s in setup.schedulers if s.interval == "epoch" and not s.on_plateau]
+        self._step_schedulers, self._epoch_schedulers = setup.stepped_every("step"), setup.stepped_every("epoch")
         self._clip_params = list(module.parameters())
+        self._clip_foreach = parallel.clip_foreach(self._clip_params)  # decided once, not every step
         self._scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "16-mixed" else None
         train, val, test = parallel.prepare_loaders(train, val, test)
         self._loop_state = LoopState(train)
         self._move = self.device.type != "cpu"
         self._forward = parallel.wrap(module, self._local_flags, self.device)
         # After the wrap: DDP has broadcast rank 0's weights, so every rank's EMA starts from the same copy.
-        self._ema = EMA(module, cfg.ema_decay, cfg.ema_warmup) if cfg.use_ema else None
+        self._ema = EMA(module, cfg.ema_decay, cfg.ema_warmup, shadow=parallel.ema_shadow) if cfg.use_ema else None
         ev = self._evaluator
         ev.device, ev.dist, ev.autocast, ev.services = self.device, self.dist, self._autocast, self._services
-        ev.emit, ev.plateau_schedulers = self._hooks.emit, [s for s in setup.schedulers if s.on_plateau]
+        ev.emit, ev.plateau_schedulers = self._hooks.emit, setup.on_plateau
         ev.models, ev.loaders = ev.models_of(module, self._ema), ev.loaders_of(val, test)
         self._checkpointer.bind(
             trainer_pieces(
@@ -253,6 +247,7 @@ class Trainer:
         module, optimizer, state, parallel = self._module, self.optimizer, self._loop_state, self._parallel
         assert module is not None and optimizer is not None
         forward, vote, accumulate = self._forward, parallel.vote, self.config.accumulate_grad_batches
+        autocast = self._autocast_dtype
         micro = 0
         self._check_stop()
         while self.stop_reason is None:
@@ -281,8 +276,11 @@ class Trainer:
             micro += 1
             may_end = state.pass_may_end  # len() says this batch may end the pass: sync its gradients
             with _NULL if micro == accumulate or may_end else parallel.no_sync():
-                with self._autocast():
+                if autocast is None:
                     out = forward(batch, batch_idx)
+                else:
+                    with torch.autocast(self.device.type, dtype=autocast):
+                        out = forward(batch, batch_idx)
                 if vote is not None and (micro == accumulate or may_end):
                     vote.send()  # this rank's stop flags, as training_step left them, go out with the step
                 loss = training_loss(out)  # checked (metadata only): a scalar floating tensor with grad
@@ -310,7 +308,7 @@ class Trainer:
         if scaler is not None and clip is not None:
             scaler.unscale_(optimizer)  # clip the true gradients
         if clip is not None:
-            torch.nn.utils.clip_grad_norm_(self._clip_params, clip)
+            torch.nn.utils.clip_grad_norm_(self._clip_params, clip, foreach=self._clip_foreach)
         if scaler is not None:
             scaler.step(optimizer)  # skips the step when a gradient is not finite; it still counts as one
             self._loop_state.count_skipped(scaler, optimizer)  # on the device, logged at log steps
@@ -325,7 +323,7 @@ class Trainer:
         self._loop_state.global_step += 1
 
     def _after_step(self, pass_done: bool) -> None:
-        cfg, step = self.config, self.global_step
+        cfg, step = self.config, self._loop_state.global_step
         if pass_done:
             self._close_pass()
         evaluated = cfg.run_mode == "step" and step % cfg.eval_interval == 0
@@ -338,7 +336,7 @@ class Trainer:
                                      lambda: self._loop_state.amp_scalars(self._scaler))
         saved = cfg.save_interval is not None and step % cfg.save_interval == 0
         if saved:
-            self._checkpointer.save_regular(step)
+            self._checkpointer.save_regular(step, self.current_epoch)
         # Only a step after which no user code ran (no hook, evaluation or save) may skip the blocking vote.
         self._check_stop(late_code=self._late_hooks or pass_done or evaluated or saved)
         if self._services.profiler is not None:
@@ -346,7 +344,6 @@ class Trainer:
 
     def _close_pass(self) -> None:
         self._loop_state.close_pass()
-        self._checkpointer.last_saved_step = None  # a pass found over after this step's save: the file is stale
         for scheduler in self._epoch_schedulers:
             scheduler.step()
 
@@ -358,11 +355,11 @@ class Trainer:
     def _check_stop(self, late_code: bool = True) -> None:
         """Decide whether fit ends here. ``late_code``: user code (a hook, an evaluation, a save) ran after
         this step's ``training_step``, or this is not a step's end at all."""
-        cfg, vote, step = self.config, self._parallel.vote, self.global_step
+        cfg, vote, step = self.config, self._parallel.vote, self._loop_state.global_step
         # These follow from counters and reduced metrics, so every rank reaches the same answer alone.
         early = self._evaluator.early_reason
         max_steps = cfg.max_steps is not None and step >= cfg.max_steps
-        at_limit = max_steps or (cfg.max_epochs is not None and self.current_epoch >= cfg.max_epochs)
+        at_limit = max_steps or (cfg.max_epochs is not None and self._loop_state.epoch >= cfg.max_epochs)
         # Under DDP the ranks agree on requests only one of them may have seen (see StopVote.agree).
         requested, signalled = vote.agree(late_code or bool(early) or at_limit) if vote else self._local_flags()
         if early:
@@ -373,7 +370,8 @@ class Trainer:
             self.stop_reason = "should_stop"
         elif at_limit:
             self.stop_reason = "max_steps" if max_steps else "max_epochs"
-        self._checkpointer.save_final(step, self.stop_reason, cfg.save_last)  # after a signal, or save_last
+        if self.stop_reason is not None:  # after a signal (a requeued job continues), or with save_last
+            self._checkpointer.save_final(step, self.stop_reason, cfg.save_last, self.current_epoch)
         if requested:
             self.should_stop = True  # under DDP another rank may have asked
 
