@@ -35,6 +35,11 @@ class CheckpointError(ValueError, RuntimeError):
     """A checkpoint that cannot be written or read safely; the message names the file and the reason."""
 
 
+class CheckpointReadError(CheckpointError):
+    """The bytes of a checkpoint could not be fetched (the store or the disk failed): nothing is known about
+    its contents, so ``ckpt_path="last"`` raises it rather than skipping to an older checkpoint."""
+
+
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint path or URL names no file (a ``ValueError`` for a bad argument, and a
     ``FileNotFoundError``)."""

@@ -31,6 +31,7 @@ from .checkpoint_format import (
     REQUIRED_KEYS,
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     first_line,
 )
 
@@ -86,8 +87,8 @@ def read_file(fs: fsspec.AbstractFileSystem, path: str, shown: str, map_location
     local = isinstance(fs, LocalFileSystem)
     try:
         f: Any = open(path, "rb") if local else io.BytesIO(fs.cat_file(path))
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {shown!r} could not be read: {first_line(exc)}") from exc
+    except Exception as exc:  # OSError, or the store client's own errors
+        raise CheckpointReadError(f"checkpoint {shown!r} could not be read: {first_line(exc)}") from exc
     with f:
         inspect_file(f, shown)  # classifies garbage, damage and forbidden globals before torch sees a byte
         f.seek(0)
@@ -185,6 +186,8 @@ def _skeleton(f: Any, shown: str, allowed: set[str], what: str) -> tuple[Any, li
     start = f.tell()
     try:
         names = _scan_globals(f)
+    except CheckpointReadError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"checkpoint {shown!r} is {what}: {first_line(exc)}") from None
     forbidden = sorted({n for n in names if n not in allowed})
@@ -197,6 +200,8 @@ def _skeleton(f: Any, shown: str, allowed: set[str], what: str) -> tuple[Any, li
     reader = _SkeletonUnpickler(f, allowed)
     try:
         return reader.load(), reader.storage_keys
+    except CheckpointReadError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"checkpoint {shown!r} is {what}: {first_line(exc)}") from None
 

@@ -28,6 +28,7 @@ from .checkpoint_format import (
     BEST_NAME,
     KEY_TRAINER,
     CheckpointError,
+    CheckpointReadError,
     first_line,
     is_temporary_name,
     regular_name,
@@ -246,8 +247,8 @@ class _RangeReader(io.RawIOBase):
     ``_PROBE_BLOCK`` bytes once each (a torch zip's pickle record and its directory) and anything else
     with one ranged request per read: a probe costs two requests however large the file."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, size: int) -> None:
-        self.fs, self.path, self.size, self.pos = fs, path, size, 0
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, size: int, shown: str) -> None:
+        self.fs, self.path, self.size, self.pos, self.shown = fs, path, size, 0, shown
         tail = max(_PROBE_BLOCK, size - _PROBE_BLOCK)
         self.blocks: dict[tuple[int, int], bytes | None] = {(0, min(size, _PROBE_BLOCK)): None}
         if tail < size:
@@ -272,15 +273,23 @@ class _RangeReader(io.RawIOBase):
             return 0
         span = next(((a, b) for a, b in self.blocks if a <= self.pos and end <= b), None)
         if span is None:
-            data = self.fs.cat_file(self.path, start=self.pos, end=end)
+            data = self._fetch(self.pos, end)
         else:
             block = self.blocks[span]
             if block is None:
-                block = self.blocks[span] = self.fs.cat_file(self.path, start=span[0], end=span[1])
+                block = self.blocks[span] = self._fetch(*span)
             data = block[self.pos - span[0] : end - span[0]]
         buffer[: len(data)] = data
         self.pos += len(data)
         return len(data)
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        """One ranged read; a failure of the store (not of the contents) is a CheckpointReadError, which the
+        parsers pass on unchanged instead of calling the file damaged."""
+        try:
+            return bytes(self.fs.cat_file(self.path, start=start, end=end))
+        except Exception as exc:
+            raise CheckpointReadError(f"checkpoint {self.shown!r} could not be read: {first_line(exc)}") from exc
 
 
 def probe_step(storage: CheckpointStorage, name: str) -> int:
@@ -292,13 +301,13 @@ def probe_step(storage: CheckpointStorage, name: str) -> int:
     shown, path = storage.location(name), storage.path(name)
     try:
         size = int(storage.fs.size(path))
-    except (OSError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {shown!r} could not be read: {first_line(exc)}") from exc
-    with io.BufferedReader(_RangeReader(storage.fs, path, size), buffer_size=4096) as f:
+    except Exception as exc:  # OSError, or the store client's own errors
+        raise CheckpointReadError(f"checkpoint {shown!r} could not be read: {first_line(exc)}") from exc
+    with io.BufferedReader(_RangeReader(storage.fs, path, size, shown), buffer_size=4096) as f:
         try:
             skeleton = inspect_file(f, shown)
         except OSError as exc:
-            raise CheckpointError(f"checkpoint {shown!r} could not be read: {first_line(exc)}") from exc
+            raise CheckpointReadError(f"checkpoint {shown!r} could not be read: {first_line(exc)}") from exc
     step = skeleton[KEY_TRAINER].get("global_step") if isinstance(skeleton[KEY_TRAINER], dict) else None
     if type(step) is not int:
         raise CheckpointError(f"checkpoint {shown!r} is damaged: it holds no trainer.global_step")
@@ -309,11 +318,15 @@ def complete_checkpoints(storage: CheckpointStorage) -> Iterator[tuple[str, int]
     """``(name, step)`` of the complete checkpoints in ``storage``, newest first: regular files (whose
     names carry the step) and ``best.ckpt``; on a tie the regular file comes first (it is written after
     the best of the same step). Each is checked with :func:`probe_step` only when reached; a damaged one
-    is skipped with a warning (``warnings.warn`` and the log) naming it and the reason."""
+    is skipped with a warning (``warnings.warn`` and the log) naming it and the reason. One that could not
+    be read at all (the store failed: :class:`CheckpointReadError`) raises: it may be the newest complete
+    one, and taking an older one would silently drop its steps."""
 
     def usable(name: str) -> int | None:
         try:
             return probe_step(storage, name)
+        except CheckpointReadError:
+            raise
         except CheckpointError as exc:
             message = f"trainkit: ckpt_path='last' skips a damaged checkpoint: {exc}"
             log.warning(message)

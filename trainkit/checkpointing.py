@@ -38,6 +38,7 @@ from .checkpoint import (
     KEY_TRAINER,
     AsyncWriter,
     CheckpointError,
+    CheckpointReadError,
     CheckpointStorage,
     complete_checkpoints,
     load_checkpoint,
@@ -204,6 +205,7 @@ class Checkpointer:
         self.on_load: Callable[[dict[str, Any]], None] = lambda checkpoint: None
         self.best_path: str | None = None
         self.last_saved_step: int | None = None
+        self.last_saved_epoch: int | None = None  # completed passes when that file was written, if known
 
     def bind(
         self,
@@ -280,17 +282,22 @@ class Checkpointer:
         self.on_save(checkpoint)
         return checkpoint
 
-    def save_regular(self, step: int) -> str | None:
-        self.last_saved_step = step
+    def save_regular(self, step: int, epoch: int | None = None) -> str | None:
+        """The regular checkpoint of ``step``; ``epoch`` (completed passes now) lets :meth:`save_final` see
+        a pass that turned out complete after this save."""
+        self.last_saved_step, self.last_saved_epoch = step, epoch
         return self._save(regular_name(step))
 
-    def save_final(self, step: int, stop_reason: str | None, save_last: bool) -> None:
+    def save_final(self, step: int, stop_reason: str | None, save_last: bool, epoch: int | None = None) -> None:
         """When fit stops: a regular checkpoint of ``step`` after a signal (so a requeued job continues),
-        or with ``save_last``; never twice for one step."""
+        or with ``save_last``; never twice for one state. A file of this step written before its pass was
+        found complete (a loader whose len() is missing or too large: the end shows at the next fetch, after
+        the save) is written again, so the final file holds the closed pass and its evaluation."""
         if stop_reason is None or not (stop_reason == "signal" or save_last) or self.storage is None:
             return
-        if step != self.last_saved_step:
-            self.save_regular(step)
+        known = epoch is not None and self.last_saved_epoch is not None
+        if step != self.last_saved_step or (known and epoch != self.last_saved_epoch):
+            self.save_regular(step, epoch)
 
     def save_best(self) -> None:
         if self.storage is not None:
@@ -356,6 +363,8 @@ class Checkpointer:
         for name, step in complete_checkpoints(storage):
             try:
                 checkpoint = storage.read(name)
+            except CheckpointReadError:
+                raise  # the store failed, the file may be fine: never fall back to an older one for that
             except CheckpointError as exc:
                 message = f"trainkit: ckpt_path='last' skips a damaged checkpoint: {exc}"
                 log.warning(message)
@@ -382,4 +391,4 @@ class Checkpointer:
         if self.storage is not None and state["best"]["metric"] is not None and self.storage.exists(BEST_NAME):
             self.best_path = self.storage.location(BEST_NAME)
         self.on_load(checkpoint)
-        self.last_saved_step = int(state["global_step"])
+        self.last_saved_step, self.last_saved_epoch = int(state["global_step"]), int(state["epoch"])

@@ -283,7 +283,7 @@ def check_fit_args(
     from collections.abc import Iterable
 
     from .data import exact_length
-    from .evaluation import loader_sets
+    from .evaluation import is_list_of_loaders, loader_sets
     from .module import TaskModule  # here: the module imports the callbacks, which need no config
 
     if unknown:
@@ -298,6 +298,11 @@ def check_fit_args(
         raise TypeError(f"module={type(module).__name__} is not valid; expected a trainkit.TaskModule")
     if not isinstance(train, Iterable):
         raise TypeError(f"train_loader={train!r} is not valid; expected an iterable of batches (a DataLoader)")
+    if isinstance(train, Mapping) or is_list_of_loaders(train):
+        raise TypeError(
+            f"train_loader is a {type(train).__name__} of loaders, which is not valid; expected one loader (an "
+            "iterable of batches): trainkit trains on one loader (only val_loader/test_loader take a mapping)"
+        )
     loader_sets("val_loader", val)  # a loader, or a mapping of named sets: checked here, before any step
     loader_sets("test_loader", test)
     if exact_length(train) == 0:  # len() is only a hint: believed here only where torch guarantees it
@@ -307,12 +312,36 @@ def check_fit_args(
             raise TypeError(f"ckpt_path={ckpt_path!r} is not valid; expected a path, URL or 'last'")
         if ckpt_path == "last" and cfg.checkpoint_dir is None:
             raise ValueError("ckpt_path='last' needs checkpoint_dir; checkpoint_dir=None was given")
+    check_log_dir(cfg.log_dir)
+
+
+def check_log_dir(log_dir: Any) -> None:
+    """``log_dir`` at the start of fit, before any step: the event file is made only at the first write (a
+    log step or an evaluation), so a directory that cannot be made would otherwise fail only then, with all
+    the steps before it lost. ValueError naming ``log_dir`` when it is an existing file, lies under one, or
+    its nearest existing directory cannot be written. Creates nothing."""
+    if log_dir is None:
+        return
+    given = os.fspath(log_dir)
+    existing = os.path.abspath(given)
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        problem = f"{existing!r} is an existing file, not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"no permission to write in {existing!r}"
+    else:
+        return
+    raise ValueError(
+        f"log_dir={given!r} is not valid: {problem}; expected a directory that can be made or written "
+        "(TensorBoard event files and metrics.jsonl), or None to log nothing"
+    )
 
 
 def check_eval_args(module: Any, loader: Any, sets: bool = True) -> None:
     """The live arguments of ``Trainer.validate``/``test`` (``loader``: a loader or a mapping of named
     sets) and ``predict`` (``sets=False``: one loader)."""
-    from .evaluation import loader_sets
+    from .evaluation import is_list_of_loaders, loader_sets
     from .module import TaskModule
 
     if not isinstance(module, TaskModule):
@@ -321,9 +350,10 @@ def check_eval_args(module: Any, loader: Any, sets: bool = True) -> None:
         raise TypeError(
             "loader=None is not valid; expected an iterable of batches or a mapping of set names to them"
         )
-    if not sets and isinstance(loader, Mapping):
+    if not sets and (isinstance(loader, Mapping) or is_list_of_loaders(loader)):
         raise TypeError(
-            f"loader={loader!r} is not valid; predict takes one loader (an iterable of batches), not a mapping"
+            f"loader={loader!r} is not valid; predict takes one loader (an iterable of batches), not a "
+            f"{type(loader).__name__} of loaders"
         )
     loader_sets("loader", loader)
 

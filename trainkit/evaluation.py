@@ -12,9 +12,10 @@ import numbers
 import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
+from torch.utils.data import DataLoader
 
 from .data import batch_size_of, move_to_device
 from .distributed import DistContext
@@ -206,6 +207,13 @@ def loader_sets(param: str, value: Any) -> list[tuple[str, Any]]:
                 f"{param}={value!r} is not valid; expected an iterable of batches (a DataLoader), or a mapping "
                 "of set names to them"
             )
+        if is_list_of_loaders(value):
+            # Lightning's list of validation loaders: each DataLoader would reach the step as a "batch".
+            raise TypeError(
+                f"{param} is a {type(value).__name__} of {len(value)} loaders, which is not valid; expected one "
+                "loader, or a mapping of set names to loaders such as {'set0': loader_a, 'set1': loader_b} "
+                "(Lightning numbers a list of loaders; trainkit names the sets: val_<set>_<metric>)"
+            )
         return [("", value)]
     if not value:
         raise ValueError(
@@ -225,6 +233,11 @@ def loader_sets(param: str, value: Any) -> list[tuple[str, Any]]:
             )
         sets.append((name, loader))
     return sets
+
+
+def is_list_of_loaders(value: Any) -> TypeGuard[list[Any] | tuple[Any, ...]]:
+    """A list or tuple holding DataLoaders (Lightning's habit for several loaders), never a list of batches."""
+    return isinstance(value, (list, tuple)) and any(isinstance(v, DataLoader) for v in value)
 
 
 def metric_prefix(stage: str, set_name: str = "", model_prefix: str = "") -> str:

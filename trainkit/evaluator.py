@@ -114,7 +114,8 @@ class Evaluator:
 
     def loaders_of(self, val: Any, test: Any) -> list[tuple[str, Any]]:
         loaders = [(stage, loader) for stage, loader in (("val", val), ("test", test)) if loader is not None]
-        idle = [f"{n}={getattr(self.config, n)!r}" for n in ("early_stop", "monitor") if getattr(self.config, n)]
+        # `is not None`: an empty dict is a setting too (every default), and does nothing without val_loader.
+        idle = [f"{n}={getattr(self.config, n)!r}" for n in ("early_stop", "monitor") if getattr(self.config, n) is not None]
         if idle and not loaders and self.dist.is_main:
             warnings.warn(
                 f"{' and '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect without a val_loader: "

@@ -126,7 +126,7 @@ class FitServices:
     def close(self, finished: bool = False) -> None:
         """Close the progress display (when fit ``finished`` without an exception, its last frame shows the
         final step's values) and the logger's files (``finished``: a run that never evaluated still records
-        its settings)."""
+        its settings, unless it took no step)."""
         if finished and self._last is not None and self.progress.stale(self._last[0]):
             step, epoch, loss, optimizer = self._last
             with contextlib.suppress(Exception):
@@ -135,4 +135,5 @@ class FitServices:
         with contextlib.suppress(Exception):
             self.progress.close()
         with contextlib.suppress(Exception):
-            self.logger.close(finished=finished)
+            # A fit that took no step (a resume of a concluded run) writes nothing, not even its settings.
+            self.logger.close(finished=finished and self._last is not None)

@@ -336,7 +336,7 @@ class Trainer:
                                      lambda: self._loop_state.amp_scalars(self._scaler))
         saved = cfg.save_interval is not None and step % cfg.save_interval == 0
         if saved:
-            self._checkpointer.save_regular(step)
+            self._checkpointer.save_regular(step, self.current_epoch)
         # Only a step after which no user code ran (no hook, evaluation or save) may skip the blocking vote.
         self._check_stop(late_code=self._late_hooks or pass_done or evaluated or saved)
         if self._services.profiler is not None:
@@ -371,7 +371,7 @@ class Trainer:
         elif at_limit:
             self.stop_reason = "max_steps" if max_steps else "max_epochs"
         if self.stop_reason is not None:  # after a signal (a requeued job continues), or with save_last
-            self._checkpointer.save_final(step, self.stop_reason, cfg.save_last)
+            self._checkpointer.save_final(step, self.stop_reason, cfg.save_last, self.current_epoch)
         if requested:
             self.should_stop = True  # under DDP another rank may have asked
 
