@@ -91,8 +91,13 @@ class LoopState:
     def count_skipped(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
         """Between ``scaler.step`` and ``scaler.update``: count this step if the scaler skipped it, on the
         device (no host sync)."""
-        found = sum(scaler._found_inf_per_device(optimizer).values())
-        self._skipped = found if self._skipped is None else self._skipped + found
+        found = list(scaler._found_inf_per_device(optimizer).values())  # 1.0 per device that saw inf/NaN
+        if self._skipped is None:
+            self._skipped = torch.zeros_like(found[0])
+        if len(found) == 1:
+            self._skipped.add_(found[0])  # in place: nothing allocated per step
+        else:  # one skipped step, however many devices saw it
+            self._skipped.add_(torch.stack([f.to(self._skipped.device) for f in found]).amax(0))
 
     @property
     def skipped_steps(self) -> int:
