@@ -21,7 +21,7 @@ Entries that are not DTensors (plain tensors and python values) are written once
 that holds them: as in the single-file checkpoint, which rank 0 writes, they are rank 0's values.
 
 Safety. DCP's own reader unpickles ``.metadata`` with plain ``pickle`` and its default planner reads
-non-tensor entries with ``torch.load(weights_only=False)``: either runs code from the checkpoint. trainkit
+non-tensor entries with torch.load and ``weights_only=False``: either runs code from the checkpoint. trainkit
 reads ``.metadata`` with an unpickler that admits only DCP's metadata classes and torch's basic types,
 and every entry with ``weights_only=True``; anything else raises :class:`CheckpointError` and runs nothing.
 

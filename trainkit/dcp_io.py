@@ -2,7 +2,7 @@
 
 Apart from :mod:`trainkit.dcp` because this is where checkpoint bytes meet code. DCP's own reader unpickles
 ``.metadata`` with plain ``pickle`` and its default planner reads non-tensor entries with
-``torch.load(weights_only=False)``: either runs code from the checkpoint. Here :func:`read_metadata`
+torch.load and ``weights_only=False``: either runs code from the checkpoint. Here :func:`read_metadata`
 unpickles with an unpickler that admits only DCP's metadata classes and torch's basic types, then checks
 what it got (entry kinds, shapes, files inside the directory); :class:`SafeReader` hands DCP only that
 checked metadata; :class:`SafeLoadPlanner` reads every non-tensor entry with ``weights_only=True``.
