@@ -314,6 +314,13 @@ def probe_step(storage: CheckpointStorage, name: str) -> int:
     return step
 
 
+def warn_skipped(exc: CheckpointError, stacklevel: int) -> None:
+    """Say, on the log and as a RuntimeWarning, that ``ckpt_path="last"`` passes over a damaged file."""
+    message = f"trainkit: ckpt_path='last' skips a damaged checkpoint: {exc}"
+    log.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
 def complete_checkpoints(storage: CheckpointStorage) -> Iterator[tuple[str, int]]:
     """``(name, step)`` of the complete checkpoints in ``storage``, newest first: regular files (whose
     names carry the step) and ``best.ckpt``; on a tie the regular file comes first (it is written after
@@ -328,9 +335,7 @@ def complete_checkpoints(storage: CheckpointStorage) -> Iterator[tuple[str, int]
         except CheckpointReadError:
             raise
         except CheckpointError as exc:
-            message = f"trainkit: ckpt_path='last' skips a damaged checkpoint: {exc}"
-            log.warning(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warn_skipped(exc, stacklevel=4)
             return None
 
     names = storage.names()

@@ -47,6 +47,7 @@ from .checkpoint import (
     regular_step,
     strip_compile_prefix,
 )
+from .checkpoint_storage import warn_skipped
 from .distributed import DistContext
 
 log = logging.getLogger("trainkit")
@@ -366,9 +367,7 @@ class Checkpointer:
             except CheckpointReadError:
                 raise  # the store failed, the file may be fine: never fall back to an older one for that
             except CheckpointError as exc:
-                message = f"trainkit: ckpt_path='last' skips a damaged checkpoint: {exc}"
-                log.warning(message)
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
+                warn_skipped(exc, stacklevel=3)
                 continue
             # WARNING, so that it shows without any logging set up (Python's last-resort handler prints
             # it): a user who resumed another run by mistake sees which file and step it was.

@@ -98,10 +98,6 @@ class RunLogger:
         with open(os.path.join(self.log_dir, METRICS_FILE), "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "epoch": epoch, "metrics": metrics}) + "\n")
 
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
     def close(self, finished: bool = False) -> None:
         """Flush and close the event file (the writer object stays: see :attr:`writer`). A run that never
         evaluated records its settings here (hparams without metric columns) when it ``finished`` or
