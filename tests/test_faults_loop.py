@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -561,9 +562,10 @@ def _ddp_rank(rank: int, port: int, out: str) -> None:
         trainer = tk.Trainer(max_epochs=2, accumulate_grad_batches=accumulate, distributed=True, **cpu())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "cannot shard an iterable dataset": each rank reads its own
-            # fork: a process started by spawn would otherwise start its loader workers by spawn (seconds each)
+            # forkserver: workers forked from a clean server process, not from this one, whose gloo threads
+            # could hold a lock at fork time (a plain fork hung here once); spawn costs seconds per worker
             loader = DataLoader(
-                RankStream(rank, claimed), batch_size=4, num_workers=2, multiprocessing_context="fork"
+                RankStream(rank, claimed), batch_size=4, num_workers=2, multiprocessing_context="forkserver"
             )
             result = trainer.fit(task, loader)
         params = [p.detach().clone() for p in task.parameters()]
@@ -584,7 +586,13 @@ def test_ddp_with_a_wrong_len_trains_what_each_ranks_for_loop_yields(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_rank, args=(port, os.fspath(tmp_path)), nprocs=2, join=True)
+    ctx = torch.multiprocessing.spawn(_ddp_rank, args=(port, os.fspath(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 180  # a hung rank fails the test instead of hanging the suite
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the two DDP ranks did not finish within 180 s")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for name, (claimed, accumulate) in DDP_CASES.items():
         r0, r1 = ranks[0][name], ranks[1][name]
